@@ -1,0 +1,142 @@
+"""`create_app(settings)`: the Starlette application, its lifespan and its error handlers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import anyio.to_thread
+from anyio import CapacityLimiter
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from embedserve import backend
+from embedserve.batcher import BatchPolicy
+from embedserve.errors import EmbedServeError, ValidationFailed
+from embedserve.limits import BodySizeLimit
+from embedserve.ratelimit import RateLimit, TokenBuckets
+from embedserve.registry import ModelRegistry
+from embedserve.responses import error_response
+from embedserve.routes import routes
+from embedserve.settings import Settings
+from embedserve.stats import AppStats
+from embedserve.store import ModelStore
+
+logger = logging.getLogger(__name__)
+
+
+def build_registry(settings: Settings) -> ModelRegistry:
+    """The registry with the real FastEmbed loader, configured from `settings`."""
+    store = ModelStore(settings.models_dir)
+    limiter = CapacityLimiter(settings.thread_pool_workers)
+
+    async def run_sync(func: Any) -> Any:
+        return await anyio.to_thread.run_sync(func, limiter=limiter)
+
+    loader = partial(
+        backend.load_spec,
+        cache_dir=store.cache_dir(),
+        threads=settings.ort_threads,
+        offline=settings.offline,
+    )
+    return ModelRegistry(
+        store=store,
+        loader=loader,
+        policy=policy_from(settings),
+        catalogue=backend.catalogue_names(),
+        allowed=settings.allowed_models,
+        required=settings.required_models,
+        max_models=settings.max_cached_models,
+        ttl_s=settings.model_cache_ttl,
+        cleanup_interval_s=settings.cleanup_interval,
+        pin_required=settings.pin_required_models,
+        load_retry_s=settings.load_retry_s,
+        request_timeout_s=settings.request_timeout,
+        run_sync=run_sync,
+    )
+
+
+def policy_from(settings: Settings) -> BatchPolicy:
+    """The batching policy the settings describe."""
+    return BatchPolicy(
+        max_texts=settings.batch_max_texts,
+        token_budget=settings.batch_token_budget,
+        max_wait_s=settings.batch_max_wait_ms / 1000,
+        max_queue=settings.max_queue_size,
+        enabled=settings.enable_batching,
+    )
+
+
+def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Starlette:
+    """The ASGI app. `registry` defaults to one with the real loader (tests pass a fake)."""
+    registry = registry if registry is not None else build_registry(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await registry.start()
+        logger.info("ready: %s", ", ".join(registry.required) or "no required models")
+        try:
+            yield
+        finally:
+            registry.begin_shutdown()
+            await registry.aclose(settings.shutdown_grace_s)
+            logger.info("models released")
+
+    middleware = []
+    if settings.enable_cors:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["*"],
+                expose_headers=["X-Queue-Time", "X-Inference-Time", "Retry-After"],
+            )
+        )
+    if settings.enable_rate_limit:
+        buckets = TokenBuckets(settings.rate_limit_requests)
+        middleware.append(Middleware(RateLimit, buckets=buckets))
+    middleware.append(Middleware(BodySizeLimit, max_bytes=settings.max_request_bytes))
+    app = Starlette(
+        debug=False,  # never render tracebacks to clients, whatever DEBUG says
+        routes=routes(),
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={
+            EmbedServeError: _handle_error,
+            HTTPException: _handle_http_exception,
+            Exception: _handle_unexpected,
+        },
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.stats = AppStats()
+    return app
+
+
+async def _handle_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EmbedServeError)
+    request.app.state.stats.errors[exc.error_type] += 1
+    extra = {"details": exc.details} if isinstance(exc, ValidationFailed) and exc.details else {}
+    return error_response(exc.status_code, exc.message, exc.error_type, exc.headers, extra)
+
+
+async def _handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kinds = {404: "not_found", 405: "method_not_allowed"}
+    return error_response(
+        exc.status_code, str(exc.detail), kinds.get(exc.status_code, "http_error"), exc.headers
+    )
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    request.app.state.stats.errors["internal_error"] += 1
+    return error_response(500, "internal server error", "internal_error")

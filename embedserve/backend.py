@@ -1,0 +1,156 @@
+"""The only module that imports FastEmbed / ONNX Runtime: a synchronous text -> vectors model.
+
+Everything here blocks (model loading, inference, tokenisation) and is meant to run in a
+worker thread; the batcher and registry call it through `anyio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from embedserve.errors import ModelUnavailable
+from embedserve.store import Manifest, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+Vectors = npt.NDArray[np.float32]
+
+# FastEmbed keeps custom models in class-level lists; registration is not thread-safe.
+_REGISTRATION_LOCK = threading.Lock()
+
+
+class Backend(Protocol):
+    """A loaded model. `embed` and `count_tokens` block; call them from a worker thread."""
+
+    name: str
+    dimension: int
+    max_tokens: int
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        """Embed `texts` as one batch: float32 array of shape (len(texts), dimension)."""
+        ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens each text occupies in a batch (specials included, truncation applied)."""
+        ...
+
+    def close(self) -> None:
+        """Release the model's memory. The backend must not be used afterwards."""
+        ...
+
+
+class FastEmbedBackend:
+    """A FastEmbed `TextEmbedding` plus an unpadded copy of its tokenizer for counting."""
+
+    def __init__(self, name: str, model: Any) -> None:
+        self.name = name
+        self._model: Any = model
+        inner = model.model
+        if getattr(inner, "tokenizer", None) is None:
+            inner.load_onnx_model()
+        from tokenizers import Tokenizer
+
+        # A copy, because FastEmbed's own tokenizer pads to the longest text in a batch.
+        self._tokenizer = Tokenizer.from_str(inner.tokenizer.to_str())
+        self._tokenizer.no_padding()
+        truncation = self._tokenizer.truncation
+        self.max_tokens = int(truncation["max_length"]) if truncation else 512
+        self.dimension = int(model.embedding_size)
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        if self._model is None:
+            raise RuntimeError(f"model {self.name} is closed")
+        rows = list(self._model.embed(list(texts), batch_size=max(1, len(texts))))
+        return np.asarray(rows, dtype=np.float32).reshape(len(texts), self.dimension)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(e.ids) for e in self._tokenizer.encode_batch(list(texts))]
+
+    def close(self) -> None:
+        self._model = None
+        gc.collect()
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to hand freed heap back to the OS, so an offloaded model's RSS really drops."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def catalogue_names() -> frozenset[str]:
+    """Names FastEmbed can download from its catalogue (for users who are online)."""
+    from fastembed import TextEmbedding
+
+    return frozenset(m["model"] for m in TextEmbedding.list_supported_models())
+
+
+def load_local(model_dir: Path, manifest: Manifest, threads: int | None) -> FastEmbedBackend:
+    """Load an imported model directory (``model.onnx`` + tokenizer files) with no network."""
+    from fastembed import TextEmbedding
+    from fastembed.common.model_description import ModelSource, PoolingType
+
+    # A private alias, so an imported model never collides with a catalogue entry of the
+    # same name whose file layout differs, and a re-import with other settings gets a new one.
+    alias = f"embedserve-local/{manifest.name}@{manifest.onnx_sha256[:12] or 'dev'}"
+    with _REGISTRATION_LOCK:
+        known = {m["model"].lower() for m in TextEmbedding.list_supported_models()}
+        if alias.lower() not in known:
+            TextEmbedding.add_custom_model(
+                model=alias,
+                pooling=PoolingType.MEAN if manifest.pooling == "mean" else PoolingType.CLS,
+                normalization=manifest.normalize,
+                sources=ModelSource(hf=manifest.source or manifest.name),
+                dim=manifest.dimension,
+                model_file="model.onnx",
+            )
+    try:
+        model = TextEmbedding(
+            alias, threads=threads, specific_model_path=str(model_dir), local_files_only=True
+        )
+        backend = FastEmbedBackend(manifest.name, model)
+    except Exception as exc:  # onnxruntime/tokenizers raise many unrelated types
+        raise ModelUnavailable(
+            f"model {manifest.name} could not be loaded from its directory: "
+            f"{type(exc).__name__}; re-import it with 'embedserve models import'"
+        ) from exc
+    if backend.dimension != manifest.dimension:
+        backend.close()
+        raise ModelUnavailable(f"model {manifest.name}: dimension does not match its manifest")
+    return backend
+
+
+def load_catalogue(
+    name: str, cache_dir: Path, threads: int | None, offline: bool
+) -> FastEmbedBackend:
+    """Load a FastEmbed catalogue model, downloading it into `cache_dir` unless `offline`."""
+    from fastembed import TextEmbedding
+
+    try:
+        model = TextEmbedding(
+            name, cache_dir=str(cache_dir), threads=threads, local_files_only=offline
+        )
+        return FastEmbedBackend(name, model)
+    except Exception as exc:  # network, hub and file errors all surface here
+        logger.warning("loading catalogue model %s failed: %s", name, exc)
+        raise ModelUnavailable(
+            f"model {name} is not available locally and could not be downloaded; "
+            f"import it with 'embedserve models import SRC --name {name}'"
+        ) from exc
+
+
+def load_spec(spec: ModelSpec, *, cache_dir: Path, threads: int | None, offline: bool) -> Backend:
+    """Load whatever `spec` points at: an imported directory or a catalogue model."""
+    if spec.source == "local" and spec.directory is not None and spec.manifest is not None:
+        return load_local(spec.directory, spec.manifest, threads)
+    return load_catalogue(spec.name, cache_dir, threads, offline)

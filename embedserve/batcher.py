@@ -1,0 +1,322 @@
+"""`MicroBatcher`: one per loaded model; owns that model's queue and the loop that runs it.
+
+Request handlers only ``await batcher.submit(texts)``. Everything else here (the queue, the
+futures, the backend) belongs to the batcher and its loop task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import numpy as np
+
+from embedserve.backend import Backend, Vectors
+from embedserve.errors import InferenceFailed, Overloaded, RequestTimeout, ShuttingDown
+from embedserve.planner import BatchLimits, plan_batch
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RunSync = Callable[[Callable[[], T]], Awaitable[T]]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How the batcher forms batches. `enabled=False` runs one text per inference."""
+
+    max_texts: int = 64
+    token_budget: int = 1024
+    max_wait_s: float = 0.0
+    max_queue: int = 1024
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """What `submit` returns: one row per text, in the order the texts were given."""
+
+    vectors: Vectors
+    token_counts: list[int]
+    queue_ms: float
+    inference_ms: float
+
+
+@dataclass
+class BatcherStats:
+    """Running totals, owned and updated only by the batcher's loop."""
+
+    batches: int = 0
+    texts: int = 0
+    rows: int = 0
+    padded_tokens: int = 0
+    failed_batches: int = 0
+    dropped_texts: int = 0
+    inference_s: float = 0.0
+    queue_s: float = 0.0
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.texts / self.batches if self.batches else 0.0
+
+
+@dataclass(eq=False)
+class _Request:
+    future: asyncio.Future[EmbedResult]
+    vectors: list[Vectors | None]
+    token_counts: list[int]
+    submitted: float
+    remaining: int
+    inference_s: float = 0.0
+    batches: set[int] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _Item:
+    request: _Request
+    index: int
+    text: str
+    tokens: int
+
+
+class MicroBatcher:
+    """Coalesces one model's queued texts into length-aware batches run in a worker thread.
+
+    Ownership: the queue (`_pending`) and every request future belong to this object; only
+    `submit` adds to the queue and only the loop task takes from it. Every future ends in
+    exactly one of result, exception or cancelled. Cancelling the caller of `submit` (client
+    gone, timeout) cancels its future, and its texts are dropped before inference.
+    Shutdown (`aclose`): refuse new work, drain within a bound, cancel the loop, fail what is
+    left with `ShuttingDown`. The backend is not closed here; the registry owns it.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        policy: BatchPolicy,
+        *,
+        run_sync: RunSync[Any] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.policy = policy
+        self.stats = BatcherStats()
+        self._limits = BatchLimits(policy.max_texts, policy.token_budget)
+        self._run_sync: RunSync[Any] = run_sync or anyio.to_thread.run_sync
+        self._clock = clock
+        self._on_batch = on_batch
+        self._pending: list[_Item] = []
+        self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()  # set by the loop whenever it finds nothing to do
+        self._in_flight = 0
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._batch_seq = 0
+
+    # -- public surface --------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        """Texts admitted and waiting (cancelled ones until the loop drops them)."""
+        return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        """Texts in the batch the model is running now."""
+        return self._in_flight
+
+    @property
+    def idle(self) -> bool:
+        """True when nothing is queued or running."""
+        return not self._pending and self._in_flight == 0
+
+    def start(self) -> None:
+        """Start the loop task (once). The batcher keeps the only reference to it."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name=f"batcher:{self.backend.name}"
+            )
+
+    async def submit(self, texts: Sequence[str], *, timeout_s: float | None = None) -> EmbedResult:
+        """Embed `texts` (in order) as part of whatever batches the loop forms.
+
+        Raises `Overloaded` at once when the queue cannot take all of them, `ShuttingDown`
+        while draining, `RequestTimeout` after `timeout_s` (its work is dropped), and
+        `InferenceFailed` when the backend raised on a batch that carried one of them.
+        """
+        if self._closing:
+            raise ShuttingDown()
+        if not texts:
+            raise ValueError("submit needs at least one text")
+        if len(self._pending) + len(texts) > self.policy.max_queue:
+            raise Overloaded(
+                f"model {self.backend.name} is overloaded: {len(self._pending)} texts queued "
+                f"(limit {self.policy.max_queue}); retry later",
+                retry_after_s=self._retry_after_s(),
+            )
+        counts = self.backend.count_tokens(texts)
+        future: asyncio.Future[EmbedResult] = asyncio.get_running_loop().create_future()
+        request = _Request(
+            future=future,
+            vectors=[None] * len(texts),
+            token_counts=list(counts),
+            submitted=self._clock(),
+            remaining=len(texts),
+        )
+        pairs = zip(texts, counts, strict=True)
+        self._pending.extend(_Item(request, i, text, n) for i, (text, n) in enumerate(pairs))
+        # A cancelled caller wakes the loop so its texts leave the queue promptly.
+        future.add_done_callback(lambda f: self._wakeup.set() if f.cancelled() else None)
+        self._wakeup.set()
+        try:
+            if timeout_s is None:
+                return await future
+            async with asyncio.timeout(timeout_s):
+                return await future
+        except TimeoutError:
+            raise RequestTimeout(
+                f"request to model {self.backend.name} timed out after {timeout_s:g}s"
+            ) from None
+
+    async def aclose(self, grace_s: float) -> None:
+        """Stop admitting, let queued work finish for up to `grace_s`, then fail the rest."""
+        self._closing = True
+        self._wakeup.set()
+        if not self.idle:
+            self._drained.clear()
+            with anyio.move_on_after(grace_s):
+                await self._drained.wait()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        leftovers, self._pending = self._pending, []
+        for item in leftovers:
+            if not item.request.future.done():
+                item.request.future.set_exception(ShuttingDown())
+
+    # -- the loop --------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            self._drop_cancelled()
+            if not self._pending:
+                self._drained.set()
+                continue
+            # An idle model may wait briefly for companions; a busy one never does, because
+            # requests that arrived during the last batch are already queued.
+            wait = self.policy.enabled and self.policy.max_wait_s > 0
+            if wait and len(self._pending) < self.policy.max_texts:
+                await asyncio.sleep(self.policy.max_wait_s)
+                self._drop_cancelled()
+                if not self._pending:
+                    continue
+            await self._run_one_batch()
+            if self._pending:
+                self._wakeup.set()
+            else:
+                self._drained.set()
+
+    def _drop_cancelled(self) -> None:
+        live = [item for item in self._pending if not item.request.future.done()]
+        self.stats.dropped_texts += len(self._pending) - len(live)
+        self._pending = live
+
+    def _take_batch(self) -> list[_Item]:
+        if not self.policy.enabled:
+            chosen = [0]
+        else:
+            chosen = plan_batch(
+                [item.tokens for item in self._pending],
+                [item.text for item in self._pending],
+                self._limits,
+            )
+        taken = set(chosen)
+        batch = [self._pending[i] for i in chosen]
+        self._pending = [item for i, item in enumerate(self._pending) if i not in taken]
+        return batch
+
+    async def _run_one_batch(self) -> None:
+        batch = self._take_batch()
+        self._batch_seq += 1
+        seq = self._batch_seq
+        rows: dict[str, int] = {}
+        for item in batch:
+            rows.setdefault(item.text, len(rows))
+        texts = list(rows)
+        self._in_flight = len(batch)
+        started = self._clock()
+        try:
+            vectors: Vectors = await self._run_sync(lambda: self.backend.embed(texts))
+            if vectors.shape[0] != len(texts):
+                raise RuntimeError(f"backend returned {vectors.shape[0]} rows for {len(texts)}")
+        except Exception as exc:
+            # Every request in this batch fails; the loop goes on with the next batch.
+            logger.error(
+                "inference failed for model %s on %d texts: %r", self.backend.name, len(texts), exc
+            )
+            self.stats.failed_batches += 1
+            error = InferenceFailed(f"inference failed for model {self.backend.name}")
+            self._fail(batch, error)
+            return
+        except BaseException:
+            # The loop itself is being cancelled (shutdown past its grace period).
+            self._fail(batch, ShuttingDown())
+            raise
+        finally:
+            self._in_flight = 0
+        elapsed = self._clock() - started
+        self._record(batch, texts, elapsed)
+        for item in batch:
+            self._deliver(item, vectors[rows[item.text]], seq, elapsed, started)
+
+    @staticmethod
+    def _fail(batch: list[_Item], error: Exception) -> None:
+        for item in batch:
+            if not item.request.future.done():
+                item.request.future.set_exception(error)
+
+    def _deliver(self, item: _Item, row: Vectors, seq: int, elapsed: float, started: float) -> None:
+        request = item.request
+        if request.future.done():
+            return
+        request.vectors[item.index] = row
+        if seq not in request.batches:
+            request.batches.add(seq)
+            request.inference_s += elapsed
+        request.remaining -= 1
+        if request.remaining == 0:
+            total = self._clock() - request.submitted
+            self.stats.queue_s += max(0.0, total - request.inference_s)
+            request.future.set_result(
+                EmbedResult(
+                    vectors=np.stack([v for v in request.vectors if v is not None]),
+                    token_counts=request.token_counts,
+                    queue_ms=max(0.0, total - request.inference_s) * 1000,
+                    inference_ms=request.inference_s * 1000,
+                )
+            )
+
+    def _record(self, batch: list[_Item], texts: list[str], elapsed: float) -> None:
+        longest = max(item.tokens for item in batch)
+        self.stats.batches += 1
+        self.stats.texts += len(batch)
+        self.stats.rows += len(texts)
+        self.stats.padded_tokens += len(texts) * longest
+        self.stats.inference_s += elapsed
+        if self._on_batch is not None:
+            self._on_batch(len(batch), len(texts) * longest, elapsed)
+
+    def _retry_after_s(self) -> int:
+        per_text = self.stats.inference_s / self.stats.texts if self.stats.texts else 0.01
+        return max(1, math.ceil(len(self._pending) * per_text))

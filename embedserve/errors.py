@@ -1,0 +1,121 @@
+"""The exception tree: every error a client can see, with its HTTP status and error type.
+
+Handlers are looked up along the class hierarchy, so one handler for `EmbedServeError`
+renders every subclass as ``{"error": message, "error_type": type}``. Library errors are
+wrapped with ``raise ... from exc`` at the boundary that imports the library.
+"""
+
+from __future__ import annotations
+
+
+class EmbedServeError(Exception):
+    """Base class. `status_code` and `error_type` decide how the client sees it."""
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(EmbedServeError):
+    """Malformed request body (for example invalid JSON)."""
+
+    status_code = 400
+    error_type = "bad_request"
+
+
+class InvalidModelName(BadRequest):
+    """A model name that could reach outside the models directory, or is not a name at all."""
+
+    error_type = "invalid_model_name"
+
+
+class UnsupportedMediaType(EmbedServeError):
+    """The request body is not JSON."""
+
+    status_code = 415
+    error_type = "unsupported_media_type"
+
+
+class ValidationFailed(EmbedServeError):
+    """The body parsed but its fields are missing, mistyped or out of range."""
+
+    status_code = 422
+    error_type = "validation_error"
+
+    def __init__(self, message: str, *, details: list[dict[str, object]] | None = None) -> None:
+        super().__init__(message)
+        self.details = details or []
+
+
+class BodyTooLarge(EmbedServeError):
+    """The request body exceeds the configured limit; raised while the body streams in."""
+
+    status_code = 413
+    error_type = "request_too_large"
+
+
+class ModelNotAllowed(EmbedServeError):
+    """The model is outside the ALLOWED_MODELS allow-list; nothing was loaded."""
+
+    status_code = 403
+    error_type = "model_not_allowed"
+
+
+class ModelNotFound(EmbedServeError):
+    """No local model directory and no catalogue entry has this name."""
+
+    status_code = 404
+    error_type = "model_not_found"
+
+
+class ModelUnavailable(EmbedServeError):
+    """The model is known but could not be loaded (missing files, failed download, corrupt)."""
+
+    status_code = 503
+    error_type = "model_unavailable"
+
+
+class Overloaded(EmbedServeError):
+    """The model's queue is full: refused at once, retry later."""
+
+    status_code = 429
+    error_type = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeout(EmbedServeError):
+    """The request was not answered within REQUEST_TIMEOUT; its queued work was dropped."""
+
+    status_code = 504
+    error_type = "timeout"
+
+
+class ShuttingDown(EmbedServeError):
+    """The server is draining and admits no new work."""
+
+    status_code = 503
+    error_type = "shutting_down"
+
+    def __init__(self, message: str = "server is shutting down") -> None:
+        super().__init__(message, headers={"Retry-After": "1", "Connection": "close"})
+
+
+class InferenceFailed(EmbedServeError):
+    """The backend raised while running a batch; every request in that batch gets this."""
+
+    status_code = 500
+    error_type = "inference_error"
+
+
+class ImportFailed(EmbedServeError):
+    """`embedserve models import` could not produce a model that passes parity."""
+
+    status_code = 500
+    error_type = "import_failed"

@@ -1,0 +1,65 @@
+"""Batch forming: choose which queued texts run together, under a padded-token budget.
+
+Pure functions over lengths, no asyncio. A model batch pads every text to the longest one,
+so cost follows ``texts x longest``: mixing a 250-token text with 5-token texts makes all of
+them pay for 250. The planner therefore anchors each batch on the oldest waiting text (no
+starvation) and grows it with the texts closest to it in length, while the padded size stays
+within the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """Caps for one model batch. `token_budget` counts padded tokens: texts x longest text."""
+
+    max_texts: int
+    token_budget: int
+
+
+def plan_batch(lengths: Sequence[int], keys: Sequence[str], limits: BatchLimits) -> list[int]:
+    """Indices (into the queue, oldest first) of the texts to run next as one batch.
+
+    `lengths[i]` is text i's token count and `keys[i]` its text; identical texts share one
+    row of the batch, so a duplicate costs nothing and always rides along. The oldest text
+    (index 0) is always chosen, even alone over the budget. Returns indices in queue order.
+    """
+    if not lengths:
+        return []
+    # Unique texts, each with every queue index that carries it.
+    groups: dict[str, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    unique = list(groups.values())  # in order of first arrival; unique[0] holds index 0
+    order = sorted(range(len(unique)), key=lambda g: (lengths[unique[g][0]], g))
+    position = order.index(0)
+    length_of = [lengths[unique[g][0]] for g in order]
+
+    lo = hi = position
+    longest = length_of[position]
+    while hi - lo + 1 < limits.max_texts:
+        count = hi - lo + 2
+        # Waste each choice adds: a shorter text pads up to `longest`; a longer text makes
+        # every row already chosen pad up to it.
+        left_waste = longest - length_of[lo - 1] if lo > 0 else -1
+        right_waste = (hi - lo + 1) * (length_of[hi + 1] - longest) if hi + 1 < len(order) else -1
+        left_fits = left_waste >= 0 and count * longest <= limits.token_budget
+        right_fits = right_waste >= 0 and count * length_of[hi + 1] <= limits.token_budget
+        if left_fits and (not right_fits or left_waste <= right_waste):
+            lo -= 1
+        elif right_fits:
+            hi += 1
+            longest = length_of[hi]
+        else:
+            break
+    chosen = [index for g in order[lo : hi + 1] for index in unique[g]]
+    return sorted(chosen)
+
+
+def padded_tokens(lengths: Sequence[int]) -> int:
+    """Padded size of a batch of texts with these token counts."""
+    return len(lengths) * max(lengths, default=0)

@@ -1,0 +1,406 @@
+"""`ModelRegistry`: resolve names, load off the event loop, warm up, LRU-evict, TTL-offload.
+
+Each loaded model gets a `MicroBatcher`; requests go through `ModelRegistry.embed`, which
+holds a lease on the model for the whole request so it is never evicted with work queued
+or in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from embedserve.backend import Backend
+from embedserve.batcher import BatchPolicy, EmbedResult, MicroBatcher
+from embedserve.errors import (
+    EmbedServeError,
+    ModelNotAllowed,
+    ModelNotFound,
+    ModelUnavailable,
+    ShuttingDown,
+)
+from embedserve.store import ModelSpec, ModelStore, validate_model_name
+
+logger = logging.getLogger(__name__)
+
+
+Loader = Callable[[ModelSpec], Backend]
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    """A loaded model. Owned by the registry; handlers see it only through `ModelInfo`."""
+
+    spec: ModelSpec
+    backend: Backend
+    batcher: MicroBatcher
+    loaded_at: float
+    load_time_s: float
+    last_used: float  # registry clock, for LRU and TTL
+    last_used_wall: float
+    pinned: bool
+    leases: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.leases > 0 or not self.batcher.idle
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Per-model facts for the API."""
+
+    name: str
+    is_loaded: bool
+    source: str | None = None
+    dimension: int | None = None
+    max_tokens: int | None = None
+    load_time_s: float | None = None
+    loaded_at: str | None = None
+    last_used: str | None = None
+    pinned: bool = False
+    queued: int = 0
+    in_flight: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+class ModelRegistry:
+    """The single owner of loaded models.
+
+    Loading is single-flight per name and runs in a worker thread, so a slow or failing
+    load never holds up requests for other models. A failed load evicts nothing and is
+    remembered for `load_retry_s`. Eviction (LRU past `max_cached_models`) and offload
+    (unused for `model_cache_ttl`) skip pinned and busy models; a busy model is evicted once
+    it drains. `aclose` drains every batcher within the grace period and releases models.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: ModelStore,
+        loader: Loader,
+        policy: BatchPolicy,
+        catalogue: frozenset[str] = frozenset(),
+        allowed: Sequence[str] = (),
+        required: Sequence[str] = (),
+        max_models: int = 5,
+        ttl_s: float = 3600.0,
+        cleanup_interval_s: float = 60.0,
+        pin_required: bool = True,
+        load_retry_s: float = 30.0,
+        request_timeout_s: float | None = None,
+        run_sync: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
+        load_run_sync: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.required = list(required)
+        self.allowed = frozenset(allowed)
+        self._loader = loader
+        self._catalogue = catalogue
+        self._max_models = max_models
+        self._ttl_s = ttl_s
+        self._cleanup_interval_s = cleanup_interval_s
+        self._pin_required = pin_required
+        self._load_retry_s = load_retry_s
+        self._request_timeout_s = request_timeout_s
+        self._run_sync = run_sync or anyio.to_thread.run_sync
+        # Loads get their own threads: a load stuck in a download retry loop must not take
+        # a worker that inference for other models needs.
+        self._load_run_sync = load_run_sync or anyio.to_thread.run_sync
+        self._clock = clock
+        self._wall = wall_clock
+        self._models: dict[str, ModelEntry] = {}
+        self._loading: dict[str, asyncio.Task[ModelEntry]] = {}
+        self._waiters: dict[str, int] = {}
+        self._failures: dict[str, tuple[float, EmbedServeError]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing = False
+        self.evictions = 0
+        self.offloads = 0
+
+    # -- resolution ------------------------------------------------------------------
+    def resolve(self, name: str) -> ModelSpec:
+        """Check `name` against the rules and find its source; loads nothing, opens no file
+        outside the models directory. Raises InvalidModelName, ModelNotAllowed, ModelNotFound.
+        """
+        validate_model_name(name)
+        if self.allowed and name not in self.allowed:
+            raise ModelNotAllowed(f"model {name} is not in the allowed models")
+        try:
+            manifest = self.store.get(name)
+        except ValueError as exc:
+            raise ModelUnavailable(f"model {name} has an unreadable manifest") from exc
+        if manifest is not None:
+            return ModelSpec(name, "local", self.store.model_dir(name), manifest)
+        if name in self._catalogue:
+            return ModelSpec(name, "catalogue")
+        raise ModelNotFound(
+            f"model {name} is not available locally and is not in FastEmbed's catalogue; "
+            f"import it with 'embedserve models import SRC --name {name}'"
+        )
+
+    def is_known(self, name: str) -> bool:
+        """True when `resolve` would succeed."""
+        try:
+            self.resolve(name)
+        except EmbedServeError:
+            return False
+        return True
+
+    # -- using models ----------------------------------------------------------------
+    async def embed(self, name: str, texts: Sequence[str]) -> tuple[ModelInfo, EmbedResult]:
+        """Embed `texts` with model `name`, loading it first if needed."""
+        async with self.lease(name) as entry:
+            result = await entry.batcher.submit(texts, timeout_s=self._request_timeout_s)
+            return self._info(entry), result
+
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str) -> AsyncIterator[ModelEntry]:
+        """Hold model `name` loaded (never evicted or offloaded) for the duration."""
+        entry = await self._acquire(name)
+        try:
+            yield entry
+        finally:
+            entry.leases -= 1
+            self._enforce_capacity()
+
+    async def _acquire(self, name: str) -> ModelEntry:
+        """The loaded entry for `name` with one lease taken, sharing one load among callers."""
+        if self._closing:
+            raise ShuttingDown()
+        entry = self._models.get(name)
+        if entry is None:
+            spec = self.resolve(name)
+            failure = self._failures.get(name)
+            if failure is not None and self._clock() - failure[0] < self._load_retry_s:
+                raise type(failure[1])(failure[1].message)
+            task = self._loading.get(name)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._load(spec), name=f"load:{name}")
+                self._loading[name] = task
+            # Waiters protect the new entry from eviction until they hold their lease.
+            self._waiters[name] = self._waiters.get(name, 0) + 1
+            try:
+                # Shielded: one caller giving up must not cancel the load others wait for.
+                entry = await asyncio.shield(task)
+            finally:
+                self._waiters[name] -= 1
+                if not self._waiters[name]:
+                    del self._waiters[name]
+        entry.leases += 1
+        self._touch(entry)
+        return entry
+
+    async def _load(self, spec: ModelSpec) -> ModelEntry:
+        started = self._clock()
+        backend: Backend | None = None
+        try:
+            logger.info("loading model %s (%s)", spec.name, spec.source)
+            backend = await self._load_run_sync(lambda: self._loader(spec))
+            warm = backend
+            await self._load_run_sync(lambda: warm.embed(["warm-up"]))
+            batcher = MicroBatcher(backend, self.policy, run_sync=self._run_sync)
+            batcher.start()
+        except BaseException as exc:
+            if backend is not None:
+                closing = backend
+                with contextlib.suppress(Exception):
+                    await self._load_run_sync(closing.close)
+            error = exc if isinstance(exc, EmbedServeError) else None
+            if error is None and isinstance(exc, Exception):
+                logger.exception("loading model %s failed", spec.name)
+                error = ModelUnavailable(f"model {spec.name} could not be loaded")
+            if error is not None:
+                self._failures[spec.name] = (self._clock(), error)
+                raise error from exc
+            raise
+        finally:
+            self._loading.pop(spec.name, None)
+        load_time = self._clock() - started
+        now = self._clock()
+        entry = ModelEntry(
+            spec=spec,
+            backend=backend,
+            batcher=batcher,
+            loaded_at=self._wall(),
+            load_time_s=load_time,
+            last_used=now,
+            last_used_wall=self._wall(),
+            pinned=self._pin_required and spec.name in self.required,
+        )
+        self._failures.pop(spec.name, None)
+        self._models[spec.name] = entry
+        logger.info("model %s loaded in %.2fs", spec.name, load_time)
+        self._enforce_capacity()
+        return entry
+
+    def _touch(self, entry: ModelEntry) -> None:
+        entry.last_used = self._clock()
+        entry.last_used_wall = self._wall()
+
+    # -- eviction --------------------------------------------------------------------
+    def _enforce_capacity(self) -> None:
+        # The least recently used model goes; if it is busy, nothing goes until it drains
+        # (the lease that drains it calls this again).
+        while len(self._models) > self._max_models:
+            candidates = [
+                e
+                for e in self._models.values()
+                if not e.pinned and e.spec.name not in self._waiters
+            ]
+            if not candidates:
+                return
+            victim = min(candidates, key=lambda e: e.last_used)
+            if victim.busy:
+                return
+            logger.info("evicting least recently used model %s", victim.spec.name)
+            self.evictions += 1
+            self._release(victim)
+
+    def sweep(self) -> list[str]:
+        """Offload models unused for the TTL; returns their names. Run by the sweeper task."""
+        now = self._clock()
+        expired = [
+            e
+            for e in self._models.values()
+            if not e.pinned and not e.busy and now - e.last_used >= self._ttl_s
+        ]
+        for entry in expired:
+            logger.info(
+                "offloading model %s (unused for %.0fs)", entry.spec.name, now - entry.last_used
+            )
+            self.offloads += 1
+            self._release(entry)
+        return [e.spec.name for e in expired]
+
+    def _release(self, entry: ModelEntry) -> None:
+        del self._models[entry.spec.name]
+        task = asyncio.get_running_loop().create_task(self._close_entry(entry, 0.0))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _close_entry(self, entry: ModelEntry, grace_s: float) -> None:
+        await entry.batcher.aclose(grace_s)
+        await self._load_run_sync(entry.backend.close)
+
+    async def wait_released(self) -> None:
+        """Wait until every evicted or offloaded model has been closed (for tests, shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load and warm up every required model (a failure raises), then start the sweeper."""
+        results = await asyncio.gather(
+            *(self._load_required(name) for name in self.required), return_exceptions=True
+        )
+        for name, result in zip(self.required, results, strict=True):
+            if isinstance(result, BaseException):
+                message = getattr(result, "message", repr(result))
+                raise ModelUnavailable(f"required model {name} failed to load: {message}")
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _load_required(self, name: str) -> None:
+        async with self.lease(name):
+            pass
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._cleanup_interval_s)
+            self.sweep()
+
+    @property
+    def ready(self) -> bool:
+        """Every required model is loaded and the registry is not closing."""
+        return not self._closing and all(name in self._models for name in self.required)
+
+    @property
+    def closing(self) -> bool:
+        """True once shutdown has begun."""
+        return self._closing
+
+    def loaded_names(self) -> list[str]:
+        """Names of the loaded models."""
+        return list(self._models)
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting new requests (they get ShuttingDown); accepted work carries on."""
+        self._closing = True
+
+    async def aclose(self, grace_s: float) -> None:
+        """Drain every batcher within `grace_s`, then release every model."""
+        self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for task in list(self._loading.values()):
+            task.cancel()
+        entries = list(self._models.values())
+        self._models.clear()
+        await asyncio.gather(*(self._close_entry(e, grace_s) for e in entries))
+        await self.wait_released()
+
+    # -- facts -----------------------------------------------------------------------
+    def loaded(self) -> list[ModelInfo]:
+        """Facts about every loaded model, most recently used first."""
+        entries = sorted(self._models.values(), key=lambda e: e.last_used, reverse=True)
+        return [self._info(e) for e in entries]
+
+    def describe(self, name: str) -> ModelInfo:
+        """Facts about `name` whether loaded or not; raises like `resolve` for unknown names."""
+        entry = self._models.get(name)
+        if entry is not None:
+            return self._info(entry)
+        spec = self.resolve(name)
+        manifest = spec.manifest
+        return ModelInfo(
+            name=name,
+            is_loaded=False,
+            source=spec.source,
+            dimension=manifest.dimension if manifest else None,
+            max_tokens=manifest.max_tokens if manifest else None,
+            pinned=self._pin_required and name in self.required,
+        )
+
+    def _info(self, entry: ModelEntry) -> ModelInfo:
+        stats = entry.batcher.stats
+        return ModelInfo(
+            name=entry.spec.name,
+            is_loaded=True,
+            source=entry.spec.source,
+            dimension=entry.backend.dimension,
+            max_tokens=entry.backend.max_tokens,
+            load_time_s=round(entry.load_time_s, 4),
+            loaded_at=_iso(entry.loaded_at),
+            last_used=_iso(entry.last_used_wall),
+            pinned=entry.pinned,
+            queued=entry.batcher.queued,
+            in_flight=entry.batcher.in_flight,
+            stats={
+                "batches": stats.batches,
+                "texts": stats.texts,
+                "mean_batch_size": round(stats.mean_batch_size, 3),
+                "failed_batches": stats.failed_batches,
+                "dropped_texts": stats.dropped_texts,
+                "inference_s": round(stats.inference_s, 4),
+                "queue_s": round(stats.queue_s, 4),
+            },
+        )

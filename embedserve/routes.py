@@ -1,0 +1,284 @@
+"""HTTP endpoints. Handlers validate, then ``await registry.embed(...)``; nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from embedserve.batcher import EmbedResult
+from embedserve.errors import (
+    InvalidModelName,
+    ModelNotAllowed,
+    ModelNotFound,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from embedserve.registry import ModelInfo, ModelRegistry
+from embedserve.responses import JSONResponse, error_response
+from embedserve.schemas import (
+    BatchEmbedRequest,
+    EmbedRequest,
+    check_texts,
+    parse_json,
+    validate,
+)
+from embedserve.settings import Settings
+from embedserve.stats import AppStats
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def routes() -> list[BaseRoute]:
+    """Every route of the API."""
+    return [
+        Route("/embed", embed, methods=["POST"]),
+        Route("/embed/batch", embed_batch, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/models", list_models, methods=["GET"]),
+        Route("/models/{model_name:path}", show_model, methods=["GET"]),
+    ]
+
+
+def _state(request: Request) -> tuple[Settings, ModelRegistry, AppStats]:
+    state = request.app.state
+    return state.settings, state.registry, state.stats
+
+
+async def _json_body(request: Request) -> Any:
+    content_type = request.headers.get("content-type")
+    if content_type is not None:
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise UnsupportedMediaType(
+                f"content type {media_type or '(empty)'} is not supported; send application/json"
+            )
+    return parse_json(await request.body())
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (so its queued texts are dropped) if the client leaves."""
+    task = asyncio.ensure_future(work)
+
+    async def wait_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+def _model_name(settings: Settings, requested: str | None) -> str:
+    name = requested if requested is not None else settings.default_model
+    if name is None:
+        raise ValidationFailed("invalid field 'model_name': required (no default model is set)")
+    return name
+
+
+async def _run(
+    request: Request, model: str, texts: list[str]
+) -> tuple[ModelInfo, EmbedResult, float]:
+    _, registry, stats = _state(request)
+    started = time.perf_counter()
+    try:
+        info, result = await _unless_disconnected(request, registry.embed(model, texts))
+    except ClientGone:
+        stats.errors["client_disconnected"] += 1
+        raise
+    stats.total_embeddings += len(texts)
+    return info, result, (time.perf_counter() - started) * 1000
+
+
+def _timing_headers(result: EmbedResult) -> dict[str, str]:
+    return {
+        "X-Queue-Time": f"{result.queue_ms:.3f}",
+        "X-Inference-Time": f"{result.inference_ms:.3f}",
+    }
+
+
+async def embed(request: Request) -> Response:
+    """``POST /embed``: one text -> one embedding."""
+    settings, _, stats = _state(request)
+    stats.total_requests += 1
+    body = validate(EmbedRequest, await _json_body(request))
+    model = _model_name(settings, body.model_name)
+    [text] = check_texts(
+        [body.text], max_length=settings.max_text_length, truncate=body.truncate, field="text"
+    )
+    try:
+        info, result, elapsed_ms = await _run(request, model, [text])
+    except ClientGone:
+        return Response(status_code=499)
+    content: dict[str, Any] = {
+        "embedding": result.vectors[0],
+        "model_name": model,
+        "dimension": info.dimension,
+        "text_length": len(text),
+        "processing_time_ms": round(elapsed_ms, 3),
+    }
+    if len(text) != len(body.text):
+        content["truncated"] = True
+    return JSONResponse(content, headers=_timing_headers(result))
+
+
+async def embed_batch(request: Request) -> Response:
+    """``POST /embed/batch``: texts -> embeddings in the same order."""
+    settings, _, stats = _state(request)
+    stats.total_requests += 1
+    body = validate(BatchEmbedRequest, await _json_body(request))
+    if len(body.texts) > settings.max_batch_size:
+        raise ValidationFailed(
+            f"invalid field 'texts': {len(body.texts)} texts, over the limit of "
+            f"{settings.max_batch_size} (MAX_BATCH_SIZE)"
+        )
+    model = _model_name(settings, body.model_name)
+    texts = check_texts(
+        body.texts, max_length=settings.max_text_length, truncate=body.truncate, field="texts"
+    )
+    try:
+        info, result, elapsed_ms = await _run(request, model, texts)
+    except ClientGone:
+        return Response(status_code=499)
+    content = {
+        "embeddings": result.vectors,
+        "model_name": model,
+        "dimension": info.dimension,
+        "count": len(texts),
+        "processing_time_ms": round(elapsed_ms, 3),
+    }
+    return JSONResponse(content, headers=_timing_headers(result))
+
+
+def _cache_info(settings: Settings, registry: ModelRegistry) -> dict[str, Any]:
+    loaded = registry.loaded()
+    return {
+        "cached_models": len(loaded),
+        "max_cached_models": settings.max_cached_models,
+        "model_names": [m.name for m in loaded],
+        "ttl_seconds": settings.model_cache_ttl,
+    }
+
+
+async def health(request: Request) -> Response:
+    """``GET /health``: 200 "healthy" only when required models are loaded and not draining."""
+    settings, registry, stats = _state(request)
+    if registry.ready:
+        status, code = "healthy", 200
+    elif registry.closing:
+        status, code = "shutting_down", 503
+    else:
+        status, code = "unhealthy", 503
+    content = {
+        "status": status,
+        "cache_info": _cache_info(settings, registry),
+        "uptime_seconds": stats.uptime_s(),
+    }
+    return JSONResponse(content, status_code=code)
+
+
+async def ready(request: Request) -> Response:
+    """``GET /ready``: readiness for load balancers and Kubernetes."""
+    _, registry, _ = _state(request)
+    if registry.ready:
+        return JSONResponse({"status": "ready"})
+    missing = [name for name in registry.required if name not in registry.loaded_names()]
+    return JSONResponse(
+        {"status": "shutting_down" if registry.closing else "not_ready", "missing": missing},
+        status_code=503,
+    )
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: request totals plus per-model batching figures (JSON)."""
+    settings, registry, stats = _state(request)
+    if not settings.enable_metrics:
+        return error_response(404, "metrics are disabled (ENABLE_METRICS=false)", "not_found")
+    per_model: dict[str, Any] = {}
+    batches = texts = 0
+    for info in registry.loaded():
+        model_stats = info.stats
+        batches += int(model_stats["batches"])
+        texts += int(model_stats["texts"])
+        per_model[info.name] = {
+            "queue_depth": info.queued,
+            "in_flight": info.in_flight,
+            "batches": model_stats["batches"],
+            "mean_batch_size": model_stats["mean_batch_size"],
+            "failed_batches": model_stats["failed_batches"],
+            "dropped_texts": model_stats["dropped_texts"],
+            "inference_time_s": model_stats["inference_s"],
+            "queue_time_s": model_stats["queue_s"],
+        }
+    content = {
+        "total_requests": stats.total_requests,
+        "total_embeddings": stats.total_embeddings,
+        "cache_info": _cache_info(settings, registry),
+        "uptime_seconds": stats.uptime_s(),
+        "errors": dict(stats.errors),
+        "batching": {
+            "enabled": settings.enable_batching,
+            "batches": batches,
+            "mean_batch_size": round(texts / batches, 3) if batches else 0.0,
+            "evictions": registry.evictions,
+            "offloads": registry.offloads,
+            "models": per_model,
+        },
+    }
+    return JSONResponse(content)
+
+
+async def list_models(request: Request) -> Response:
+    """``GET /models``: required, loaded and allowed models."""
+    settings, registry, _ = _state(request)
+    return JSONResponse(
+        {
+            "required_models": settings.required_models,
+            "cached_models": [m.name for m in registry.loaded()],
+            "allowed_models": settings.allowed_models or None,
+            "local_models": [m.name for m in registry.store.list()],
+        }
+    )
+
+
+async def show_model(request: Request) -> Response:
+    """``GET /models/{model_name}``: facts about one model; 404 if unknown or not allowed."""
+    _, registry, _ = _state(request)
+    name = request.path_params["model_name"]
+    try:
+        info = registry.describe(name)
+    except (InvalidModelName, ModelNotAllowed, ModelNotFound):
+        return error_response(404, f"model {name!r} is not available here", "model_not_found")
+    details = asdict(info)
+    content = {
+        "model_name": info.name,
+        "is_cached": info.is_loaded,
+        "load_time": info.load_time_s,
+        "loaded_at": info.loaded_at,
+        "last_used": info.last_used,
+        **{
+            k: v
+            for k, v in details.items()
+            if k not in ("name", "is_loaded", "load_time_s", "loaded_at", "last_used")
+        },
+    }
+    return JSONResponse(content)

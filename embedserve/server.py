@@ -1,0 +1,63 @@
+"""Run the app under uvicorn with a phased, bounded shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+from types import FrameType
+
+import uvicorn
+
+from embedserve.app import create_app
+from embedserve.registry import ModelRegistry
+from embedserve.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, told about the signal first so new requests get 503 at once.
+
+    Shutdown phases: (1) the signal marks the registry as draining (new embed requests
+    answer 503, /health and /ready turn 503); (2) uvicorn stops accepting connections and
+    waits up to the grace period for in-flight requests, which the batchers keep serving;
+    (3) the lifespan drains each batcher and releases the models.
+    """
+
+    def __init__(self, config: uvicorn.Config, registry: ModelRegistry) -> None:
+        super().__init__(config)
+        self._registry = registry
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self._registry.closing:
+            logger.info(
+                "signal %s: draining (grace %.0fs)", sig, self.config.timeout_graceful_shutdown
+            )
+        self._registry.begin_shutdown()
+        super().handle_exit(sig, frame)
+
+
+def configure_logging(settings: Settings) -> None:
+    """Plain one-line logs at LOG_LEVEL (DEBUG when DEBUG=true)."""
+    level = "DEBUG" if settings.debug else settings.log_level
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+
+
+def serve(settings: Settings) -> int:
+    """Serve until a signal; returns the process exit status."""
+    configure_logging(settings)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        access_log=settings.debug,
+        server_header=False,
+    )
+    server = _Server(config, app.state.registry)
+    server.run()
+    return 0 if server.started else 3

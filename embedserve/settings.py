@@ -1,0 +1,227 @@
+"""The only reader of the environment: every setting, its env name, default and unit.
+
+Each setting is read from its documented name (``MAX_BATCH_SIZE``) or the same name with an
+``EMBEDSERVE_`` prefix (which wins when both are set). Lists accept ``a,b`` as well as JSON.
+`Settings.from_env()` is called once by the entry point; tests build `Settings.build(...)`
+from explicit values without touching the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+StrList = Annotated[list[str], NoDecode]
+
+
+# Set while `Settings.build` runs, so that explicit construction never reads the environment.
+_READ_ENV: ContextVar[bool] = ContextVar("embedserve_read_env", default=True)
+
+
+def _field(name: str, default: Any, description: str, **kwargs: Any) -> Any:
+    return Field(
+        default,
+        validation_alias=AliasChoices(f"EMBEDSERVE_{name}", name),
+        description=description,
+        **kwargs,
+    )
+
+
+class Settings(BaseSettings):
+    """All configuration. Immutable; passed into `create_app` and the registry."""
+
+    model_config = SettingsConfigDict(
+        frozen=True, validate_by_name=True, validate_by_alias=True, extra="ignore"
+    )
+
+    # -- server ------------------------------------------------------------------------
+    host: str = _field("HOST", "0.0.0.0", "Address to listen on.")
+    port: int = _field("PORT", 8000, "TCP port to listen on.", ge=1, le=65535)
+    debug: bool = _field("DEBUG", False, "Debug logging (never exposes tracebacks to clients).")
+    log_level: Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"] = _field(
+        "LOG_LEVEL", "INFO", "Log level."
+    )
+    shutdown_grace_s: float = _field(
+        "SHUTDOWN_GRACE_S", 30.0, "Seconds to finish accepted work after SIGTERM.", gt=0
+    )
+    max_request_bytes: int = _field(
+        "MAX_REQUEST_BYTES",
+        10 * 1024 * 1024,
+        "Largest request body, enforced while reading.",
+        ge=1024,
+    )
+
+    # -- requests ----------------------------------------------------------------------
+    max_text_length: int = _field(
+        "MAX_TEXT_LENGTH", 8192, "Longest text in characters (longer: 422 or truncate).", ge=1
+    )
+    max_batch_size: int = _field(
+        "MAX_BATCH_SIZE", 32, "Most texts in one /embed/batch request.", ge=1
+    )
+    request_timeout: float = _field(
+        "REQUEST_TIMEOUT", 300.0, "Seconds before a request is answered 504 and dropped.", gt=0
+    )
+
+    # -- models ------------------------------------------------------------------------
+    models_dir: Path = _field("MODELS_DIR", Path("models"), "Directory of imported models.")
+    required_models: StrList = _field(
+        "REQUIRED_MODELS", [DEFAULT_MODEL], "Loaded and warmed up before ready; first is default."
+    )
+    allowed_models: StrList = _field(
+        "ALLOWED_MODELS", [], "Allow-list of model names; empty means any resolvable model."
+    )
+    model_cache_ttl: float = _field(
+        "MODEL_CACHE_TTL", 3600.0, "Seconds unused before a model is offloaded.", gt=0
+    )
+    max_cached_models: int = _field(
+        "MAX_CACHED_MODELS", 5, "Most models loaded at once (LRU eviction).", ge=1
+    )
+    cleanup_interval: float = _field("CLEANUP_INTERVAL", 60.0, "Seconds between TTL sweeps.", gt=0)
+    pin_required_models: bool = _field(
+        "PIN_REQUIRED_MODELS", True, "Never evict or offload REQUIRED_MODELS."
+    )
+    offline: bool = _field(
+        "OFFLINE", False, "Never try to download catalogue models (HF_HUB_OFFLINE also works)."
+    )
+    load_retry_s: float = _field(
+        "LOAD_RETRY_S", 30.0, "Seconds a failed model load is remembered before retrying.", ge=0
+    )
+    ort_threads: int | None = _field(
+        "ORT_THREADS", None, "ONNX Runtime threads per model; unset means all cores.", ge=1
+    )
+    thread_pool_workers: int = _field(
+        "THREAD_POOL_WORKERS",
+        4,
+        "Worker threads for inference and loading across models.",
+        ge=1,
+    )
+
+    # -- micro-batching ----------------------------------------------------------------
+    enable_batching: bool = _field(
+        "ENABLE_BATCHING", True, "Coalesce queued texts; false runs one text per inference."
+    )
+    batch_max_texts: int = _field("BATCH_MAX_TEXTS", 64, "Most texts in one model batch.", ge=1)
+    batch_token_budget: int = _field(
+        "BATCH_TOKEN_BUDGET",
+        1024,
+        "Most padded tokens (texts x longest) in one model batch.",
+        ge=1,
+    )
+    batch_max_wait_ms: float = _field(
+        "BATCH_MAX_WAIT_MS",
+        0.0,
+        "Extra wait for companions when the model is idle.",
+        ge=0,
+        le=100,
+    )
+    max_queue_size: int = _field(
+        "MAX_QUEUE_SIZE", 1024, "Most texts waiting per model before 429.", ge=1
+    )
+
+    # -- production surface ------------------------------------------------------------
+    enable_cors: bool = _field("ENABLE_CORS", False, "Add CORS headers and answer preflight.")
+    cors_origins: StrList = _field("CORS_ORIGINS", ["*"], "Origins allowed by CORS.")
+    enable_rate_limit: bool = _field(
+        "ENABLE_RATE_LIMIT", False, "Per-client token-bucket rate limit."
+    )
+    rate_limit_requests: int = _field(
+        "RATE_LIMIT_REQUESTS", 100, "Requests per minute per client when rate limiting.", ge=1
+    )
+    enable_metrics: bool = _field("ENABLE_METRICS", True, "Serve /metrics.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if not _READ_ENV.get():
+            return (init_settings,)
+        return (init_settings, env_settings)
+
+    @field_validator("required_models", "allowed_models", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.allowed_models:
+            outside = [m for m in self.required_models if m not in self.allowed_models]
+            if outside:
+                raise ValueError(
+                    f"REQUIRED_MODELS {outside} are not in ALLOWED_MODELS {self.allowed_models}"
+                )
+        if self.max_batch_size > self.max_queue_size:
+            raise ValueError("MAX_BATCH_SIZE must not exceed MAX_QUEUE_SIZE")
+        if len(self.required_models) > self.max_cached_models:
+            raise ValueError("more REQUIRED_MODELS than MAX_CACHED_MODELS")
+        return self
+
+    @property
+    def default_model(self) -> str | None:
+        """The model used when a request names none: the first required model."""
+        return self.required_models[0] if self.required_models else None
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Read the environment (the entry point's job); `overrides` win. Raises SettingsError."""
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc)) from None
+
+    @classmethod
+    def build(cls, **values: Any) -> Settings:
+        """Settings from explicit values only (no environment): for tests and embedding."""
+        token = _READ_ENV.set(False)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc)) from None
+        finally:
+            _READ_ENV.reset(token)
+
+
+class SettingsError(ValueError):
+    """An invalid setting; the message is one line naming it."""
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False):
+        loc = error.get("loc") or ()
+        name = str(loc[0]).upper() if loc else "SETTINGS"
+        if name.startswith("EMBEDSERVE_"):
+            name = name.removeprefix("EMBEDSERVE_")
+        value = os.environ.get(name, os.environ.get(f"EMBEDSERVE_{name}"))
+        shown = f"={value!r}" if value is not None and loc else ""
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"invalid setting {name}{shown}: {message}")
+    return "; ".join(parts)

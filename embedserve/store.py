@@ -1,0 +1,160 @@
+"""Where model files live: the models directory, its per-model manifests, and safe names.
+
+Model names contain ``/`` (``BAAI/bge-small-en-v1.5``) and map to nested directories under
+the models root. `ModelStore.model_dir` is the only way from a name to a path, and it
+refuses anything that could leave the root (``..``, absolute paths, NUL bytes, backslashes).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from embedserve.errors import InvalidModelName
+
+MANIFEST_FILE = "embedserve.json"
+MAX_NAME_LENGTH = 200
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_RESERVED = {".cache", ".staging"}
+
+
+def validate_model_name(name: str) -> str:
+    """Return `name` if it is a safe model name (``org/model`` style); raise otherwise."""
+    if not isinstance(name, str) or not name:
+        raise InvalidModelName("model name must be a non-empty string")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidModelName(f"model name is longer than {MAX_NAME_LENGTH} characters")
+    segments = name.split("/")
+    for segment in segments:
+        # The regex forbids empty segments, leading dots (so '..' and '.cache'), NUL,
+        # backslashes, '%' (URL-encoded traversal) and whitespace.
+        if not _SEGMENT.match(segment) or segment.endswith("."):
+            raise InvalidModelName(
+                "invalid model name: use letters, digits, '.', '_' or '-' in "
+                "'/'-separated parts, e.g. 'BAAI/bge-small-en-v1.5'"
+            )
+    return name
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What embedserve knows about an imported model directory (``embedserve.json``)."""
+
+    name: str
+    dimension: int
+    pooling: str
+    normalize: bool
+    max_tokens: int
+    source: str
+    onnx_sha256: str
+    parity_min_cosine: float | None = None
+    created_at: str = ""
+    format_version: int = 1
+
+    def to_json(self) -> dict[str, object]:
+        """The manifest as a JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Manifest:
+        """Build a manifest from parsed JSON, ignoring unknown keys; raises ValueError."""
+        known = {f.name for f in fields(cls)}
+        try:
+            manifest = cls(**{k: v for k, v in data.items() if k in known})  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise ValueError(f"incomplete manifest: {exc}") from exc
+        if manifest.pooling not in ("mean", "cls"):
+            raise ValueError(f"unknown pooling {manifest.pooling!r}")
+        return manifest
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a resolved model comes from: an imported directory or FastEmbed's catalogue."""
+
+    name: str
+    source: str  # "local" | "catalogue"
+    directory: Path | None = None
+    manifest: Manifest | None = None
+
+
+class ModelStore:
+    """The models directory. Owns no in-memory state; every call reads the file system."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def model_dir(self, name: str) -> Path:
+        """The directory for `name` under the root; raises InvalidModelName for unsafe names."""
+        validate_model_name(name)
+        if name.split("/")[0] in _RESERVED:
+            raise InvalidModelName("invalid model name: reserved")
+        root = self.root.resolve()
+        path = (root / name).resolve()
+        if not path.is_relative_to(root) or path == root:
+            raise InvalidModelName("invalid model name: outside the models directory")
+        return path
+
+    def get(self, name: str) -> Manifest | None:
+        """The manifest of a local model, or None when there is no such model directory."""
+        manifest_path = self.model_dir(name) / MANIFEST_FILE
+        if not manifest_path.is_file():
+            return None
+        return self._read(manifest_path)
+
+    def list(self) -> list[Manifest]:
+        """Every model directory with a readable manifest, sorted by name."""
+        if not self.root.is_dir():
+            return []
+        found: list[Manifest] = []
+        for manifest_path in sorted(self.root.rglob(MANIFEST_FILE)):
+            relative = manifest_path.parent.relative_to(self.root)
+            if relative.parts and relative.parts[0] in _RESERVED:
+                continue
+            try:
+                found.append(self._read(manifest_path))
+            except ValueError:
+                continue
+        return found
+
+    def remove(self, name: str) -> bool:
+        """Delete a local model directory; False when there was none."""
+        directory = self.model_dir(name)
+        if not (directory / MANIFEST_FILE).is_file():
+            return False
+        shutil.rmtree(directory)
+        # Drop now-empty organisation folders ('BAAI/') but never the root itself.
+        parent = directory.parent
+        root = self.root.resolve()
+        while parent != root and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+        return True
+
+    def write_manifest(self, directory: Path, manifest: Manifest) -> None:
+        """Write `manifest` into `directory` (used on a staging dir before it is moved)."""
+        (directory / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+
+    def staging_dir(self) -> Path:
+        """A fresh empty directory on the same file system as the models, for atomic renames."""
+        staging = self.root / ".staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=staging))
+
+    def cache_dir(self) -> Path:
+        """Where FastEmbed keeps catalogue models it downloads (for users who are online)."""
+        return self.root / ".cache"
+
+    @staticmethod
+    def _read(manifest_path: Path) -> Manifest:
+        try:
+            data = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"unreadable manifest {manifest_path.name}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError("manifest is not a JSON object")
+        return Manifest.from_json(data)

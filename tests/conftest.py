@@ -1,0 +1,85 @@
+"""Shared fixtures: an in-process app over a fake loader, driven through httpx."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from embedserve.app import create_app, policy_from
+from embedserve.registry import ModelRegistry
+from embedserve.settings import Settings
+from embedserve.store import ModelStore
+from tests.fakes import FakeLoader, GatedRunner
+
+CATALOGUE = frozenset({"fake/a", "fake/b", "fake/c", "BAAI/bge-small-en-v1.5"})
+
+Serve = Callable[..., AbstractAsyncContextManager["Api"]]
+
+
+@dataclass
+class Api:
+    """One running app: its client, and the registry and fake loader behind it."""
+
+    app: Starlette
+    client: httpx.AsyncClient
+    registry: ModelRegistry
+    loader: FakeLoader
+    settings: Settings
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Serve:
+    """Start an app (lifespan included) from settings overrides; use as ``async with``.
+
+    ``run_sync`` (a GatedRunner, say) is handed to the registry; it must be open while the
+    lifespan loads the required models. Defaults: required model ``fake/a``, short grace.
+    """
+
+    @asynccontextmanager
+    async def start(*, run_sync: GatedRunner | None = None, **overrides: Any) -> AsyncIterator[Api]:
+        values: dict[str, Any] = {
+            "models_dir": tmp_path / "models",
+            "required_models": ["fake/a"],
+            "shutdown_grace_s": 1.0,
+        }
+        values.update(overrides)
+        settings = Settings.build(**values)
+        loader = FakeLoader()
+        registry = ModelRegistry(
+            store=ModelStore(settings.models_dir),
+            loader=loader,
+            policy=policy_from(settings),
+            catalogue=CATALOGUE,
+            allowed=settings.allowed_models,
+            required=settings.required_models,
+            request_timeout_s=settings.request_timeout,
+            run_sync=run_sync,
+        )
+        app = create_app(settings, registry)
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+        ):
+            yield Api(app, client, registry, loader, settings)
+
+    return start
+
+
+@pytest.fixture
+async def api(serve: Serve) -> AsyncIterator[Api]:
+    """The app with default test settings."""
+    async with serve() as running:
+        yield running

@@ -1,0 +1,121 @@
+"""Deterministic test doubles: a fake backend and a run_sync whose batches a test releases."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from embedserve.backend import Vectors
+from embedserve.store import ModelSpec
+
+DIM = 8
+
+
+def fake_vector(text: str, dim: int = DIM) -> np.ndarray:
+    """The unit vector the fake backend returns for `text` (seeded by its hash)."""
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    vector = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+class FakeBackend:
+    """Embeds by hashing; tokens are whitespace words + 2. Records every batch it runs."""
+
+    def __init__(self, name: str = "fake/model", dimension: int = DIM, max_tokens: int = 256):
+        self.name = name
+        self.dimension = dimension
+        self.max_tokens = max_tokens
+        self.batches: list[list[str]] = []
+        self.fail_next: Exception | None = None
+        self.hold: threading.Event | None = None  # embed waits for it (from a worker thread)
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        assert not self.closed, "embed after close"
+        if self.hold is not None:
+            self.hold.wait(timeout=10)
+        with self._lock:
+            self.batches.append(list(texts))
+            error, self.fail_next = self.fail_next, None
+        if error is not None:
+            raise error
+        return np.stack([fake_vector(t, self.dimension) for t in texts])
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [min(self.max_tokens, len(t.split()) + 2) for t in texts]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class GatedRunner:
+    """A `run_sync` that holds every call until the test releases it (no sleeps, no threads).
+
+    `entered` counts calls waiting at the gate; `release(n)` lets n of them run.
+    """
+
+    def __init__(self, open_: bool = False) -> None:
+        self._permits = asyncio.Semaphore(0)
+        self.open = open_
+        self.waiting = 0
+        self._changed = asyncio.Event()
+
+    async def __call__(self, func: Callable[[], Any]) -> Any:
+        if not self.open:
+            self.waiting += 1
+            self._changed.set()
+            try:
+                await self._permits.acquire()
+            finally:
+                self.waiting -= 1
+        return func()
+
+    def release(self, n: int = 1) -> None:
+        for _ in range(n):
+            self._permits.release()
+
+    async def wait_for_waiting(self, n: int = 1) -> None:
+        """Return once at least `n` calls are held at the gate."""
+        while self.waiting < n:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeLoader:
+    """A loader that returns FakeBackends, optionally gated per model name or failing."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.fail: dict[str, Exception] = {}
+        self.gates: dict[str, threading.Event] = {}
+        self.backends: dict[str, FakeBackend] = {}
+
+    def __call__(self, spec: ModelSpec) -> FakeBackend:
+        self.calls.append(spec.name)
+        gate = self.gates.get(spec.name)
+        if gate is not None:
+            gate.wait(timeout=10)
+        if spec.name in self.fail:
+            raise self.fail[spec.name]
+        backend = FakeBackend(spec.name)
+        self.backends[spec.name] = backend
+        return backend

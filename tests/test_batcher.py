@@ -1,0 +1,228 @@
+"""MicroBatcher: coalescing, caps, order, cancellation, errors, backpressure, shutdown.
+
+Batches are held at a `GatedRunner` gate instead of sleeping; each test is bounded in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import numpy as np
+import pytest
+
+from embedserve.batcher import BatchPolicy, MicroBatcher
+from embedserve.errors import InferenceFailed, Overloaded, RequestTimeout, ShuttingDown
+from tests.fakes import FakeBackend, GatedRunner, fake_vector
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def gate() -> GatedRunner:
+    return GatedRunner()
+
+
+@asynccontextmanager
+async def running(
+    backend: FakeBackend, gate: GatedRunner, **policy: object
+) -> AsyncIterator[MicroBatcher]:
+    batcher = MicroBatcher(backend, BatchPolicy(**policy), run_sync=gate)
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        await batcher.aclose(0)
+
+
+def spawn(batcher: MicroBatcher, *texts: str) -> asyncio.Future:
+    return asyncio.ensure_future(batcher.submit(list(texts)))
+
+
+async def settle() -> None:
+    """Let every ready task run (no wall-clock time passes)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_idle_model_runs_a_lone_text_at_once(backend: FakeBackend, gate: GatedRunner):
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            first = spawn(batcher, "alone")
+            await gate.wait_for_waiting(1)  # the batch started with no timer involved
+            gate.release()
+            result = await first
+            assert backend.batches == [["alone"]]
+            assert np.allclose(result.vectors[0], fake_vector("alone"))
+
+
+async def test_requests_arriving_while_busy_coalesce(backend: FakeBackend, gate: GatedRunner):
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            first = spawn(batcher, "a")
+            await gate.wait_for_waiting(1)
+            others = [spawn(batcher, t) for t in ("b", "c", "d")]
+            await settle()
+            assert batcher.queued == 3
+            gate.release(2)
+            await asyncio.gather(first, *others)
+            assert backend.batches == [["a"], ["b", "c", "d"]]
+            assert batcher.stats.batches == 2
+            assert batcher.stats.mean_batch_size == 2.0
+
+
+async def test_max_texts_cap_splits_a_big_request(backend: FakeBackend, gate: GatedRunner):
+    gate.open = True
+    texts = [f"text number {i}" for i in range(10)]
+    with anyio.fail_after(5):
+        async with running(backend, gate, max_texts=4) as batcher:
+            result = await batcher.submit(texts)
+    assert [len(b) for b in backend.batches] == [4, 4, 2]
+    for row, text in zip(result.vectors, texts, strict=True):
+        assert np.allclose(row, fake_vector(text))
+
+
+async def test_token_budget_keeps_long_texts_apart(backend: FakeBackend, gate: GatedRunner):
+    long_text = " ".join(["word"] * 100)  # 102 tokens in the fake
+    with anyio.fail_after(5):
+        async with running(backend, gate, token_budget=150) as batcher:
+            first = spawn(batcher, "warm")
+            await gate.wait_for_waiting(1)
+            tasks = [spawn(batcher, "short one"), spawn(batcher, long_text), spawn(batcher, "x y")]
+            await settle()
+            gate.release(3)
+            await asyncio.gather(first, *tasks)
+    assert backend.batches[1:] == [["short one", "x y"], [long_text]]
+
+
+async def test_length_sorting_keeps_each_requests_order(backend: FakeBackend, gate: GatedRunner):
+    gate.open = True
+    texts = ["one two three four five six", "a", "b c d e f g h i j k l", "m n"]
+    with anyio.fail_after(5):
+        async with running(backend, gate, token_budget=20) as batcher:
+            result = await batcher.submit(texts)
+    assert len(backend.batches) > 1
+    for row, text in zip(result.vectors, texts, strict=True):
+        assert np.allclose(row, fake_vector(text))
+
+
+async def test_duplicate_texts_are_computed_once(backend: FakeBackend, gate: GatedRunner):
+    gate.open = True
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            result = await batcher.submit(["same", "same", "other", "same"])
+    assert backend.batches == [["same", "other"]]
+    assert np.allclose(result.vectors[3], fake_vector("same"))
+
+
+async def test_cancelled_caller_is_dropped_before_inference(
+    backend: FakeBackend, gate: GatedRunner
+):
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            first = spawn(batcher, "a")
+            await gate.wait_for_waiting(1)
+            gone, kept = spawn(batcher, "gone"), spawn(batcher, "kept")
+            await settle()
+            gone.cancel()
+            gate.release(2)
+            await asyncio.gather(first, kept)
+            assert gone.cancelled()
+            assert backend.batches == [["a"], ["kept"]]
+            assert batcher.stats.dropped_texts == 1
+            assert batcher.queued == 0
+
+
+async def test_backend_error_fails_only_its_batch(backend: FakeBackend, gate: GatedRunner):
+    gate.open = True
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            backend.fail_next = RuntimeError("onnx exploded")
+            with pytest.raises(InferenceFailed, match="fake/model"):
+                await batcher.submit(["doomed"])
+            result = await batcher.submit(["fine"])
+    assert np.allclose(result.vectors[0], fake_vector("fine"))
+    assert batcher.stats.failed_batches == 1
+
+
+async def test_full_queue_refuses_at_once_with_retry_after(backend: FakeBackend, gate: GatedRunner):
+    with anyio.fail_after(5):
+        async with running(backend, gate, max_queue=2) as batcher:
+            first = spawn(batcher, "busy")
+            await gate.wait_for_waiting(1)
+            queued = [spawn(batcher, "q1"), spawn(batcher, "q2")]
+            await settle()
+            with pytest.raises(Overloaded) as refused:
+                await batcher.submit(["one too many"])
+            assert int(refused.value.headers["Retry-After"]) >= 1
+            gate.release(2)
+            await asyncio.gather(first, *queued)
+
+
+async def test_timeout_answers_and_drops_the_work(backend: FakeBackend, gate: GatedRunner):
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            first = spawn(batcher, "busy")
+            await gate.wait_for_waiting(1)
+            with pytest.raises(RequestTimeout):
+                await batcher.submit(["late"], timeout_s=0.01)
+            gate.release(2)
+            await first
+            await settle()
+            assert batcher.queued == 0
+            assert ["late"] not in backend.batches
+
+
+async def test_batching_off_runs_one_text_per_inference(backend: FakeBackend, gate: GatedRunner):
+    gate.open = True
+    with anyio.fail_after(5):
+        async with running(backend, gate, enabled=False) as batcher:
+            await asyncio.gather(*(batcher.submit([t]) for t in "abc"))
+    assert backend.batches == [["a"], ["b"], ["c"]]
+
+
+async def test_shutdown_drains_accepted_work_and_refuses_new(
+    backend: FakeBackend, gate: GatedRunner
+):
+    with anyio.fail_after(5):
+        batcher = MicroBatcher(backend, BatchPolicy(), run_sync=gate)
+        batcher.start()
+        first = spawn(batcher, "a")
+        await gate.wait_for_waiting(1)
+        second = spawn(batcher, "b")
+        await settle()
+        closing = asyncio.ensure_future(batcher.aclose(grace_s=5))
+        await settle()
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(["refused"])
+        gate.release(2)
+        await asyncio.gather(first, second, closing)
+        assert backend.batches == [["a"], ["b"]]
+
+
+async def test_shutdown_past_grace_fails_leftovers_instead_of_stranding(
+    backend: FakeBackend, gate: GatedRunner
+):
+    with anyio.fail_after(5):
+        batcher = MicroBatcher(backend, BatchPolicy(), run_sync=gate)
+        batcher.start()
+        in_flight = spawn(batcher, "in flight")
+        await gate.wait_for_waiting(1)
+        waiting = spawn(batcher, "waiting")
+        await settle()
+        await batcher.aclose(grace_s=0.01)
+        for task in (in_flight, waiting):
+            with pytest.raises(ShuttingDown):
+                await task

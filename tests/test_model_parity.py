@@ -1,0 +1,96 @@
+"""Integration: imported all-MiniLM-L6-v2, served by FastEmbed, matches sentence-transformers.
+
+Needs ``make model`` first (models/sentence-transformers/all-MiniLM-L6-v2; MODELS_DIR, as `make
+test` passes it, moves the models directory). Without the model the tests skip, unless
+EMBEDSERVE_REQUIRE_MODEL is set (as CI should), in which case they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedserve.backend import Backend, load_local
+from embedserve.importer import min_cosine, sha256_file
+from embedserve.store import Manifest, ModelStore
+
+pytestmark = pytest.mark.integration
+
+NAME = "sentence-transformers/all-MiniLM-L6-v2"
+MODELS = Path(os.environ.get("MODELS_DIR") or Path(__file__).resolve().parent.parent / "models")
+REFERENCE = Path(__file__).resolve().parent / "data" / "minilm_reference.json"
+MIN_COSINE = 0.9999
+
+
+@pytest.fixture(scope="module")
+def manifest() -> Manifest:
+    store = ModelStore(MODELS)
+    found = store.get(NAME)
+    if found is None:
+        reason = f"{store.model_dir(NAME)} has no imported model: run `make model` first"
+        if os.environ.get("EMBEDSERVE_REQUIRE_MODEL"):
+            pytest.fail(f"EMBEDSERVE_REQUIRE_MODEL is set but {reason}")
+        pytest.skip(reason)
+    return found
+
+
+@pytest.fixture(scope="module")
+def model_dir(manifest: Manifest) -> Path:
+    return ModelStore(MODELS).model_dir(manifest.name)
+
+
+@pytest.fixture(scope="module")
+def backend(model_dir: Path, manifest: Manifest) -> Iterator[Backend]:
+    loaded = load_local(model_dir, manifest, threads=None)
+    yield loaded
+    loaded.close()
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, object]:
+    data: dict[str, object] = json.loads(REFERENCE.read_text(encoding="utf-8"))
+    return data
+
+
+def test_manifest_sha256_matches_model_onnx(model_dir: Path, manifest: Manifest) -> None:
+    assert sha256_file(model_dir / "model.onnx") == manifest.onnx_sha256
+
+
+def test_manifest_describes_minilm(manifest: Manifest) -> None:
+    assert (manifest.dimension, manifest.pooling, manifest.normalize) == (384, "mean", True)
+    assert manifest.max_tokens == 256
+    assert manifest.parity_min_cosine is not None and manifest.parity_min_cosine >= MIN_COSINE
+
+
+def test_embeddings_match_sentence_transformers(
+    backend: Backend, reference: dict[str, object]
+) -> None:
+    texts = reference["texts"]
+    assert isinstance(texts, list)
+    expected = np.asarray(reference["embeddings"], dtype=np.float32)
+    got = backend.embed(texts)
+    assert got.dtype == np.float32
+    assert min_cosine(got, expected) >= MIN_COSINE
+
+
+def test_each_text_alone_matches_too(backend: Backend, reference: dict[str, object]) -> None:
+    texts = reference["texts"]
+    assert isinstance(texts, list)
+    expected = np.asarray(reference["embeddings"], dtype=np.float32)
+    got = np.concatenate([backend.embed([text]) for text in texts])
+    assert min_cosine(got, expected) >= MIN_COSINE
+
+
+def test_long_text_is_truncated_at_256_tokens(
+    backend: Backend, reference: dict[str, object]
+) -> None:
+    texts = reference["texts"]
+    assert isinstance(texts, list)
+    longest = max(texts, key=len)
+    assert backend.max_tokens == 256
+    assert backend.count_tokens([longest]) == [256]

@@ -1,0 +1,221 @@
+"""ModelRegistry: resolution rules, single-flight loads, LRU, TTL, failures, isolation.
+
+Time is a `FakeClock`; loads and batches run in real worker threads, held back by
+`threading.Event`s where a test needs something to be slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from embedserve.batcher import BatchPolicy
+from embedserve.errors import InvalidModelName, ModelNotAllowed, ModelNotFound, ModelUnavailable
+from embedserve.registry import ModelRegistry
+from embedserve.store import Manifest, ModelStore
+from tests.fakes import FakeClock, FakeLoader
+
+pytestmark = pytest.mark.anyio
+CATALOGUE = frozenset({"org/a", "org/b", "org/c", "org/slow", "org/fast", "org/broken"})
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def loader() -> FakeLoader:
+    return FakeLoader()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@asynccontextmanager
+async def registry_for(
+    tmp_path: Path, loader: FakeLoader, clock: FakeClock, **kwargs: object
+) -> AsyncIterator[ModelRegistry]:
+    options: dict[str, object] = {"catalogue": CATALOGUE, "max_models": 2, "ttl_s": 100.0}
+    options.update(kwargs)
+    registry = ModelRegistry(
+        store=ModelStore(tmp_path),
+        loader=loader,
+        policy=BatchPolicy(),
+        clock=clock,
+        **options,  # type: ignore[arg-type]
+    )
+    try:
+        with anyio.fail_after(10):
+            yield registry
+    finally:
+        await registry.aclose(grace_s=1)
+
+
+async def until(predicate: object) -> None:
+    """Yield to the loop (and worker threads) until `predicate()` holds."""
+    # Polling, because the awaited change happens in a worker thread; bounded by fail_after.
+    while not predicate():  # type: ignore[operator]  # noqa: ASYNC110
+        await asyncio.sleep(0.001)
+
+
+async def test_concurrent_first_requests_share_one_load(tmp_path, loader, clock):
+    loader.gates["org/a"] = gate = threading.Event()
+    async with registry_for(tmp_path, loader, clock) as registry:
+        waiters = [asyncio.ensure_future(registry.embed("org/a", [f"t{i}"])) for i in range(8)]
+        await until(lambda: loader.calls)
+        gate.set()
+        await asyncio.gather(*waiters)
+        assert loader.calls == ["org/a"]
+
+
+async def test_one_waiter_giving_up_does_not_cancel_the_shared_load(tmp_path, loader, clock):
+    loader.gates["org/a"] = gate = threading.Event()
+    async with registry_for(tmp_path, loader, clock) as registry:
+        impatient = asyncio.ensure_future(registry.embed("org/a", ["x"]))
+        patient = asyncio.ensure_future(registry.embed("org/a", ["y"]))
+        await until(lambda: loader.calls)
+        impatient.cancel()
+        gate.set()
+        info, _ = await patient
+        assert info.name == "org/a"
+        assert loader.calls == ["org/a"]
+
+
+async def test_slow_load_does_not_delay_another_model(tmp_path, loader, clock):
+    loader.gates["org/slow"] = gate = threading.Event()
+    async with registry_for(tmp_path, loader, clock) as registry:
+        slow = asyncio.ensure_future(registry.embed("org/slow", ["x"]))
+        await until(lambda: "org/slow" in loader.calls)
+        _, result = await registry.embed("org/fast", ["y"])  # completes while slow is held
+        assert result.vectors.shape == (1, 8)
+        assert not slow.done()
+        gate.set()
+        await slow
+
+
+async def test_lru_evicts_the_least_recently_used(tmp_path, loader, clock):
+    async with registry_for(tmp_path, loader, clock) as registry:
+        await registry.embed("org/a", ["1"])
+        clock.advance(1)
+        await registry.embed("org/b", ["2"])
+        clock.advance(1)
+        await registry.embed("org/a", ["3"])  # a is now more recent than b
+        clock.advance(1)
+        await registry.embed("org/c", ["4"])
+        await registry.wait_released()
+        assert sorted(registry.loaded_names()) == ["org/a", "org/c"]
+        assert loader.backends["org/b"].closed
+        assert registry.evictions == 1
+
+
+async def test_busy_model_is_evicted_only_after_it_drains(tmp_path, loader, clock):
+    async with registry_for(tmp_path, loader, clock, max_models=1) as registry:
+        await registry.embed("org/a", ["warm"])
+        hold = loader.backends["org/a"].hold = threading.Event()
+        busy = asyncio.ensure_future(registry.embed("org/a", ["in flight"]))
+        await until(lambda: registry.describe("org/a").in_flight == 1)
+        clock.advance(1)
+        await registry.embed("org/b", ["new"])
+        assert sorted(registry.loaded_names()) == ["org/a", "org/b"]  # over capacity, a busy
+        hold.set()
+        await busy
+        await registry.wait_released()
+        assert registry.loaded_names() == ["org/b"]
+        assert loader.backends["org/a"].closed
+
+
+async def test_ttl_offloads_unused_models_and_use_refreshes(tmp_path, loader, clock):
+    async with registry_for(tmp_path, loader, clock) as registry:
+        await registry.embed("org/a", ["x"])
+        clock.advance(99)
+        assert registry.sweep() == []
+        await registry.embed("org/a", ["refresh"])
+        clock.advance(99)
+        assert registry.sweep() == []
+        clock.advance(2)
+        assert registry.sweep() == ["org/a"]
+        await registry.wait_released()
+        assert registry.loaded_names() == []
+        assert loader.backends["org/a"].closed
+        assert registry.offloads == 1
+
+
+async def test_required_models_are_pinned(tmp_path, loader, clock):
+    async with registry_for(tmp_path, loader, clock, required=["org/a"], max_models=1) as registry:
+        await registry.start()
+        clock.advance(1000)
+        assert registry.sweep() == []
+        await registry.embed("org/b", ["x"])
+        await registry.wait_released()
+        assert "org/a" in registry.loaded_names()
+        assert registry.ready
+
+
+async def test_failed_load_evicts_nothing_and_is_remembered(tmp_path, loader, clock):
+    loader.fail["org/broken"] = RuntimeError("corrupt model.onnx")
+    async with registry_for(tmp_path, loader, clock, max_models=1, load_retry_s=30) as registry:
+        await registry.embed("org/a", ["x"])
+        with pytest.raises(ModelUnavailable, match="org/broken"):
+            await registry.embed("org/broken", ["x"])
+        with pytest.raises(ModelUnavailable):
+            await registry.embed("org/broken", ["x"])
+        assert loader.calls.count("org/broken") == 1  # the second refusal came from memory
+        assert registry.loaded_names() == ["org/a"]
+        assert not loader.backends["org/a"].closed
+        clock.advance(31)
+        with pytest.raises(ModelUnavailable):
+            await registry.embed("org/broken", ["x"])
+        assert loader.calls.count("org/broken") == 2
+
+
+async def test_required_model_that_fails_stops_startup(tmp_path, loader, clock):
+    loader.fail["org/broken"] = RuntimeError("no such file")
+    async with registry_for(tmp_path, loader, clock, required=["org/broken"]) as registry:
+        with pytest.raises(ModelUnavailable, match="required model org/broken"):
+            await registry.start()
+
+
+@pytest.mark.parametrize(
+    "name", ["../etc/passwd", "/etc/passwd", "org/../../x", "a\x00b", "%2e%2e/x", "a\\b", ""]
+)
+async def test_unsafe_names_are_refused_before_anything_loads(tmp_path, loader, clock, name):
+    async with registry_for(tmp_path, loader, clock) as registry:
+        with pytest.raises(InvalidModelName):
+            await registry.embed(name, ["x"])
+        assert loader.calls == []
+
+
+async def test_allow_list_refuses_before_loading(tmp_path, loader, clock):
+    async with registry_for(tmp_path, loader, clock, allowed=["org/a"]) as registry:
+        with pytest.raises(ModelNotAllowed):
+            await registry.embed("org/b", ["x"])
+        with pytest.raises(ModelNotAllowed):
+            registry.describe("org/b")
+        assert loader.calls == []
+
+
+async def test_unknown_model_is_not_found(tmp_path, loader, clock):
+    async with registry_for(tmp_path, loader, clock) as registry:
+        with pytest.raises(ModelNotFound, match="embedserve models import"):
+            await registry.embed("org/unknown", ["x"])
+
+
+async def test_local_model_directory_wins_over_the_catalogue(tmp_path, loader, clock):
+    store = ModelStore(tmp_path)
+    directory = store.model_dir("org/a")
+    directory.mkdir(parents=True)
+    store.write_manifest(directory, Manifest("org/a", 8, "mean", True, 256, "test", "00"))
+    async with registry_for(tmp_path, loader, clock) as registry:
+        spec = registry.resolve("org/a")
+        assert spec.source == "local"
+        assert spec.directory == directory
