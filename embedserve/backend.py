@@ -154,3 +154,19 @@ def load_spec(spec: ModelSpec, *, cache_dir: Path, threads: int | None, offline:
     if spec.source == "local" and spec.directory is not None and spec.manifest is not None:
         return load_local(spec.directory, spec.manifest, threads)
     return load_catalogue(spec.name, cache_dir, threads, offline)
+
+
+def route_library_logs() -> None:
+    """Send FastEmbed's loguru records through stdlib logging (one format, one level)."""
+    try:
+        from loguru import logger as loguru_logger
+    except ImportError:  # an older FastEmbed without loguru logs through stdlib already
+        return
+    library_logger = logging.getLogger("fastembed")
+
+    def sink(message: Any) -> None:
+        record = message.record
+        library_logger.log(record["level"].no, "%s", record["message"])
+
+    loguru_logger.remove()
+    loguru_logger.add(sink, level="DEBUG", format="{message}")

@@ -173,8 +173,7 @@ class MicroBatcher:
         )
         pairs = zip(texts, counts, strict=True)
         self._pending.extend(_Item(request, i, text, n) for i, (text, n) in enumerate(pairs))
-        # A cancelled caller wakes the loop so its texts leave the queue promptly.
-        future.add_done_callback(lambda f: self._wakeup.set() if f.cancelled() else None)
+        future.add_done_callback(self._forget_if_cancelled)
         self._wakeup.set()
         try:
             if timeout_s is None:
@@ -226,6 +225,13 @@ class MicroBatcher:
                 self._wakeup.set()
             else:
                 self._drained.set()
+
+    def _forget_if_cancelled(self, future: asyncio.Future[EmbedResult]) -> None:
+        # A caller that gave up (client gone, timeout) leaves the queue at once, so the
+        # queue depth and admission see only live work, even while a batch is running.
+        if future.cancelled():
+            self._drop_cancelled()
+            self._wakeup.set()
 
     def _drop_cancelled(self) -> None:
         live = [item for item in self._pending if not item.request.future.done()]

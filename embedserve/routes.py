@@ -83,6 +83,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
+            await asyncio.wait({task})  # let the cancellation land: its texts leave the queue
     if task.cancelled():
         raise ClientGone()
     return task.result()

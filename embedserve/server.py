@@ -6,8 +6,10 @@ import logging
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedserve.app import create_app
+from embedserve.backend import route_library_logs
 from embedserve.registry import ModelRegistry
 from embedserve.settings import Settings
 
@@ -36,12 +38,33 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+class _OneLineStartupFailure:
+    """Shortens a failed start-up report to its last line (the error), not a traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_short(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and message.get("message"):
+                last = str(message["message"]).strip().splitlines()[-1]
+                message = {**message, "message": last.split(": ", 1)[-1]}
+            await send(message)
+
+        await self.app(scope, receive, send_short)
+
+
 def configure_logging(settings: Settings) -> None:
     """Plain one-line logs at LOG_LEVEL (DEBUG when DEBUG=true)."""
     level = "DEBUG" if settings.debug else settings.log_level
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    route_library_logs()
 
 
 def serve(settings: Settings) -> int:
@@ -49,7 +72,7 @@ def serve(settings: Settings) -> int:
     configure_logging(settings)
     app = create_app(settings)
     config = uvicorn.Config(
-        app,
+        _OneLineStartupFailure(app),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),

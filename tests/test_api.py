@@ -52,9 +52,12 @@ async def model_metrics(api: Api, name: str = "fake/a") -> dict[str, Any]:
     return figures
 
 
-async def wait_until_queued(api: Api, depth: int) -> None:
+async def wait_until_queued(api: Api, depth: int, in_flight: int | None = None) -> None:
     """Yield to the loop until the model's queue holds `depth` texts (fail_after bounds it)."""
-    while (await model_metrics(api))["queue_depth"] != depth:
+    while True:
+        figures = await model_metrics(api)
+        if figures["queue_depth"] == depth and in_flight in (None, figures["in_flight"]):
+            return
         await anyio.lowlevel.checkpoint()
 
 
@@ -465,9 +468,10 @@ async def test_request_timeout_is_504_and_its_work_is_dropped(serve: Serve) -> N
             gate.open = False
             in_batch = await api.client.post("/embed", json={"text": "held in the model"})
             in_queue = await api.client.post("/embed", json={"text": "held in the queue"})
+            assert (await model_metrics(api))["queue_depth"] == 0  # dropped before inference
             gate.open = True
             gate.release()
-            await wait_until_queued(api, 0)
+            await wait_until_queued(api, 0, in_flight=0)
             figures = await model_metrics(api)
             after = await api.client.post("/embed", json={"text": "after"})
     assert_error(in_batch, 504, "timeout")
@@ -542,3 +546,50 @@ async def test_cors_preflight_allows_only_configured_origins(serve: Serve) -> No
     assert "access-control-allow-origin" not in denied.headers
     assert simple.headers["access-control-allow-origin"] == "https://a.example"
     assert "x-queue-time" in simple.headers["access-control-expose-headers"].lower()
+
+
+async def test_client_that_disconnects_while_queued_is_dropped_before_inference(
+    serve: Serve,
+) -> None:
+    gate = GatedRunner(open_=True)
+    with anyio.fail_after(10):
+        async with serve(run_sync=gate) as api:
+            gate.open = False
+            held = anyio.Event()
+            leave = anyio.Event()
+            sent: list[Message] = []
+
+            async def receive() -> Message:
+                if not held.is_set():
+                    held.set()
+                    return {"type": "http.request", "body": b'{"text": "leaving"}'}
+                await leave.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: Message) -> None:
+                sent.append(message)
+
+            scope = {
+                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                "method": "POST", "path": "/embed", "raw_path": b"/embed", "query_string": b"",
+                "headers": [(b"content-type", b"application/json")], "scheme": "http",
+                "server": ("test", 80), "client": ("127.0.0.1", 1234), "root_path": "",
+                "app": api.app,
+            }  # fmt: skip
+
+            async def busy() -> None:
+                await api.client.post("/embed", json={"text": "busy"})
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(busy)
+                await gate.wait_for_waiting(1)
+                group.start_soon(api.app, scope, receive, send)
+                await wait_until_queued(api, 1)
+                leave.set()
+                await wait_until_queued(api, 0)
+                gate.open = True
+                gate.release()
+            figures = await model_metrics(api)
+    assert figures["dropped_texts"] == 1
+    assert ["leaving"] not in api.loader.backends["fake/a"].batches
+    assert sent[0]["status"] == 499
