@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -16,6 +17,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from embedserve import backend
 from embedserve.batcher import BatchPolicy
@@ -68,10 +70,25 @@ def policy_from(settings: Settings) -> BatchPolicy:
     return BatchPolicy(
         max_texts=settings.batch_max_texts,
         token_budget=settings.batch_token_budget,
+        min_fill=settings.batch_min_fill,
         max_wait_s=settings.batch_max_wait_ms / 1000,
         max_queue=settings.max_queue_size,
         enabled=settings.enable_batching,
     )
+
+
+ARRIVED_AT = "embedserve.arrived_at"
+
+
+class _StampArrival:
+    """Records when each request reached the app, so draining can tell old from new."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[ARRIVED_AT] = time.monotonic()
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Starlette:
@@ -89,7 +106,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             await registry.aclose(settings.shutdown_grace_s)
             logger.info("models released")
 
-    middleware = []
+    middleware = [Middleware(_StampArrival)]
     if settings.enable_cors:
         middleware.append(
             Middleware(

@@ -30,7 +30,11 @@ _REGISTRATION_LOCK = threading.Lock()
 
 
 class Backend(Protocol):
-    """A loaded model. `embed` and `count_tokens` block; call them from a worker thread."""
+    """A loaded model. `embed` blocks for milliseconds: call it from a worker thread.
+
+    `count_tokens` is cheap for short texts (tens of microseconds) and may run on the event
+    loop for them; callers move large inputs to a worker thread.
+    """
 
     name: str
     dimension: int

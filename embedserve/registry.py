@@ -132,6 +132,8 @@ class ModelRegistry:
         self._background: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        self._shutdown_at = float("inf")
+        self._expiry: asyncio.Task[None] | None = None
         self.evictions = 0
         self.offloads = 0
 
@@ -165,25 +167,33 @@ class ModelRegistry:
         return True
 
     # -- using models ----------------------------------------------------------------
-    async def embed(self, name: str, texts: Sequence[str]) -> tuple[ModelInfo, EmbedResult]:
-        """Embed `texts` with model `name`, loading it first if needed."""
-        async with self.lease(name) as entry:
+    async def embed(
+        self, name: str, texts: Sequence[str], *, arrived_at: float | None = None
+    ) -> tuple[ModelInfo, EmbedResult]:
+        """Embed `texts` with model `name`, loading it first if needed.
+
+        `arrived_at` (``time.monotonic()`` when the request reached the server) lets a
+        request that arrived before shutdown began still be served while draining.
+        """
+        async with self.lease(name, arrived_at=arrived_at) as entry:
             result = await entry.batcher.submit(texts, timeout_s=self._request_timeout_s)
             return self._info(entry), result
 
     @contextlib.asynccontextmanager
-    async def lease(self, name: str) -> AsyncIterator[ModelEntry]:
+    async def lease(
+        self, name: str, *, arrived_at: float | None = None
+    ) -> AsyncIterator[ModelEntry]:
         """Hold model `name` loaded (never evicted or offloaded) for the duration."""
-        entry = await self._acquire(name)
+        entry = await self._acquire(name, arrived_at)
         try:
             yield entry
         finally:
             entry.leases -= 1
             self._enforce_capacity()
 
-    async def _acquire(self, name: str) -> ModelEntry:
+    async def _acquire(self, name: str, arrived_at: float | None) -> ModelEntry:
         """The loaded entry for `name` with one lease taken, sharing one load among callers."""
-        if self._closing:
+        if self._closing and (arrived_at is None or arrived_at >= self._shutdown_at):
             raise ShuttingDown()
         entry = self._models.get(name)
         if entry is None:
@@ -341,18 +351,35 @@ class ModelRegistry:
         return list(self._models)
 
     def begin_shutdown(self) -> None:
-        """Stop admitting new requests (they get ShuttingDown); accepted work carries on."""
-        self._closing = True
+        """Refuse requests that arrive from now on (ShuttingDown); accepted work carries on.
+
+        Only sets two fields, so it is safe to call from a signal handler.
+        """
+        if not self._closing:
+            self._shutdown_at = time.monotonic()
+            self._closing = True
+
+    def expire_queued_after(self, delay_s: float) -> None:
+        """Answer whatever is still queued `delay_s` from now with ShuttingDown (503)."""
+        self.begin_shutdown()
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().create_task(self._expire(delay_s))
+
+    async def _expire(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        for entry in list(self._models.values()):
+            entry.batcher.expire()
 
     async def aclose(self, grace_s: float) -> None:
         """Drain every batcher within `grace_s`, then release every model."""
-        self._closing = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        for task in list(self._loading.values()):
-            task.cancel()
+        self.begin_shutdown()
+        for background in (self._sweeper, self._expiry):
+            if background is not None:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
+        for loading in list(self._loading.values()):
+            loading.cancel()
         entries = list(self._models.values())
         self._models.clear()
         await asyncio.gather(*(self._close_entry(e, grace_s) for e in entries))

@@ -102,7 +102,9 @@ async def _run(
     _, registry, stats = _state(request)
     started = time.perf_counter()
     try:
-        info, result = await _unless_disconnected(request, registry.embed(model, texts))
+        arrived_at = request.scope.get("embedserve.arrived_at")
+        work = registry.embed(model, texts, arrived_at=arrived_at)
+        info, result = await _unless_disconnected(request, work)
     except ClientGone:
         stats.errors["client_disconnected"] += 1
         raise

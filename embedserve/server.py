@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import socket
 from types import FrameType
 
 import uvicorn
@@ -25,16 +28,28 @@ class _Server(uvicorn.Server):
     (3) the lifespan drains each batcher and releases the models.
     """
 
-    def __init__(self, config: uvicorn.Config, registry: ModelRegistry) -> None:
+    def __init__(self, config: uvicorn.Config, registry: ModelRegistry, grace_s: float) -> None:
         super().__init__(config)
         self._registry = registry
+        self._grace_s = grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self._registry.closing:
-            logger.info(
-                "signal %s: draining (grace %.0fs)", sig, self.config.timeout_graceful_shutdown
-            )
+        # Runs as a signal handler: only set flags here, and schedule the rest on the loop.
+        first = not self._registry.closing
         self._registry.begin_shutdown()
+        if first and self._loop is not None:
+            logger.info("signal %s: draining (grace %gs)", sig, self._grace_s)
+            # Queued work is answered 503 shortly before uvicorn's own deadline cancels
+            # whatever is left (which clients would see as a bare 500).
+            margin = min(1.0, self._grace_s * 0.2)
+            self._loop.call_soon_threadsafe(
+                self._registry.expire_queued_after, self._grace_s - margin
+            )
         super().handle_exit(sig, frame)
 
 
@@ -68,7 +83,11 @@ def configure_logging(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Serve until a signal; returns the process exit status."""
+    """Serve until a signal; returns the exit status (3: start-up failed).
+
+    After a graceful stop on SIGTERM/SIGINT, uvicorn re-raises the signal, so the process
+    ends as killed by that signal (status 143 / -15), as the convention for signals is.
+    """
     configure_logging(settings)
     app = create_app(settings)
     config = uvicorn.Config(
@@ -77,10 +96,10 @@ def serve(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level.lower(),
         lifespan="on",
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         access_log=settings.debug,
         server_header=False,
     )
-    server = _Server(config, app.state.registry)
+    server = _Server(config, app.state.registry, settings.shutdown_grace_s)
     server.run()
     return 0 if server.started else 3

@@ -116,9 +116,16 @@ class Settings(BaseSettings):
     batch_max_texts: int = _field("BATCH_MAX_TEXTS", 64, "Most texts in one model batch.", ge=1)
     batch_token_budget: int = _field(
         "BATCH_TOKEN_BUDGET",
-        1024,
+        512,
         "Most padded tokens (texts x longest) in one model batch.",
         ge=1,
+    )
+    batch_min_fill: float = _field(
+        "BATCH_MIN_FILL",
+        0.85,
+        "Least share of a batch's padded tokens that must be real tokens.",
+        ge=0,
+        le=1,
     )
     batch_max_wait_ms: float = _field(
         "BATCH_MAX_WAIT_MS",

@@ -226,3 +226,33 @@ async def test_shutdown_past_grace_fails_leftovers_instead_of_stranding(
         for task in (in_flight, waiting):
             with pytest.raises(ShuttingDown):
                 await task
+
+
+async def test_expire_answers_queued_work_but_lets_the_running_batch_finish(
+    backend: FakeBackend, gate: GatedRunner
+):
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            in_flight = spawn(batcher, "in flight")
+            await gate.wait_for_waiting(1)
+            queued = spawn(batcher, "queued")
+            await settle()
+            batcher.expire()
+            with pytest.raises(ShuttingDown):
+                await queued
+            with pytest.raises(ShuttingDown):
+                await batcher.submit(["late"])
+            gate.release()
+            assert np.allclose((await in_flight).vectors[0], fake_vector("in flight"))
+
+
+async def test_long_texts_are_tokenised_off_the_loop_and_still_embedded(
+    backend: FakeBackend, gate: GatedRunner
+):
+    gate.open = True
+    long_text = "word " * 1000
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            result = await batcher.submit([long_text, "short"])
+    assert result.token_counts == [backend.max_tokens, 3]
+    assert np.allclose(result.vectors[0], fake_vector(long_text))

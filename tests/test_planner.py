@@ -49,3 +49,10 @@ def test_result_is_in_queue_order() -> None:
     lengths = [30, 10, 20, 25, 15]
     chosen = plan_batch(lengths, keys(5), BatchLimits(8, 10_000))
     assert chosen == sorted(chosen) == [0, 1, 2, 3, 4]
+
+
+def test_fill_floor_keeps_a_mostly_padding_batch_from_forming() -> None:
+    lengths = [100, 10, 12]
+    assert plan_batch(lengths, keys(3), BatchLimits(8, 10_000, min_fill=0.0)) == [0, 1, 2]
+    assert plan_batch(lengths, keys(3), BatchLimits(8, 10_000, min_fill=0.85)) == [0]
+    assert plan_batch([10, 9, 10], keys(3), BatchLimits(8, 10_000, min_fill=0.85)) == [0, 1, 2]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +18,13 @@ import anyio.to_thread
 import pytest
 
 from embedserve.batcher import BatchPolicy
-from embedserve.errors import InvalidModelName, ModelNotAllowed, ModelNotFound, ModelUnavailable
+from embedserve.errors import (
+    InvalidModelName,
+    ModelNotAllowed,
+    ModelNotFound,
+    ModelUnavailable,
+    ShuttingDown,
+)
 from embedserve.registry import ModelRegistry
 from embedserve.store import Manifest, ModelStore
 from tests.fakes import FakeClock, FakeLoader
@@ -219,3 +226,32 @@ async def test_local_model_directory_wins_over_the_catalogue(tmp_path, loader, c
         spec = registry.resolve("org/a")
         assert spec.source == "local"
         assert spec.directory == directory
+
+
+async def test_shutdown_refuses_new_arrivals_but_serves_earlier_ones(tmp_path, loader, clock):
+    async with registry_for(tmp_path, loader, clock) as registry:
+        await registry.embed("org/a", ["warm"])
+        arrived_before = time.monotonic()
+        registry.begin_shutdown()
+        _, result = await registry.embed("org/a", ["old"], arrived_at=arrived_before)
+        assert result.vectors.shape == (1, 8)
+        with pytest.raises(ShuttingDown):
+            await registry.embed("org/a", ["new"], arrived_at=time.monotonic())
+        with pytest.raises(ShuttingDown):
+            await registry.embed("org/a", ["unknown arrival"])
+        assert not registry.ready
+
+
+async def test_expiry_answers_queued_work_before_the_grace_runs_out(tmp_path, loader, clock):
+    async with registry_for(tmp_path, loader, clock) as registry:
+        await registry.embed("org/a", ["warm"])
+        hold = loader.backends["org/a"].hold = threading.Event()
+        running = asyncio.ensure_future(registry.embed("org/a", ["running"]))
+        await until(lambda: registry.describe("org/a").in_flight == 1)
+        queued = asyncio.ensure_future(registry.embed("org/a", ["queued"]))
+        await until(lambda: registry.describe("org/a").queued == 1)
+        registry.expire_queued_after(0)
+        with pytest.raises(ShuttingDown):
+            await queued
+        hold.set()
+        await running
