@@ -12,8 +12,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -21,6 +19,7 @@ import anyio.to_thread
 
 from embedserve.backend import Backend
 from embedserve.batcher import BatchPolicy, EmbedResult, MicroBatcher
+from embedserve.entries import ModelEntry, ModelInfo
 from embedserve.errors import (
     EmbedServeError,
     ModelNotAllowed,
@@ -34,47 +33,6 @@ logger = logging.getLogger(__name__)
 
 
 Loader = Callable[[ModelSpec], Backend]
-
-
-@dataclass(eq=False)
-class ModelEntry:
-    """A loaded model. Owned by the registry; handlers see it only through `ModelInfo`."""
-
-    spec: ModelSpec
-    backend: Backend
-    batcher: MicroBatcher
-    loaded_at: float
-    load_time_s: float
-    last_used: float  # registry clock, for LRU and TTL
-    last_used_wall: float
-    pinned: bool
-    leases: int = 0
-
-    @property
-    def busy(self) -> bool:
-        return self.leases > 0 or not self.batcher.idle
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Per-model facts for the API."""
-
-    name: str
-    is_loaded: bool
-    source: str | None = None
-    dimension: int | None = None
-    max_tokens: int | None = None
-    load_time_s: float | None = None
-    loaded_at: str | None = None
-    last_used: str | None = None
-    pinned: bool = False
-    queued: int = 0
-    in_flight: int = 0
-    stats: dict[str, float] = field(default_factory=dict)
-
-
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
 
 
 class ModelRegistry:
@@ -158,14 +116,6 @@ class ModelRegistry:
             f"import it with 'embedserve models import SRC --name {name}'"
         )
 
-    def is_known(self, name: str) -> bool:
-        """True when `resolve` would succeed."""
-        try:
-            self.resolve(name)
-        except EmbedServeError:
-            return False
-        return True
-
     # -- using models ----------------------------------------------------------------
     async def embed(
         self, name: str, texts: Sequence[str], *, arrived_at: float | None = None
@@ -177,7 +127,7 @@ class ModelRegistry:
         """
         async with self.lease(name, arrived_at=arrived_at) as entry:
             result = await entry.batcher.submit(texts, timeout_s=self._request_timeout_s)
-            return self._info(entry), result
+            return entry.info(), result
 
     @contextlib.asynccontextmanager
     async def lease(
@@ -389,13 +339,13 @@ class ModelRegistry:
     def loaded(self) -> list[ModelInfo]:
         """Facts about every loaded model, most recently used first."""
         entries = sorted(self._models.values(), key=lambda e: e.last_used, reverse=True)
-        return [self._info(e) for e in entries]
+        return [e.info() for e in entries]
 
     def describe(self, name: str) -> ModelInfo:
         """Facts about `name` whether loaded or not; raises like `resolve` for unknown names."""
         entry = self._models.get(name)
         if entry is not None:
-            return self._info(entry)
+            return entry.info()
         spec = self.resolve(name)
         manifest = spec.manifest
         return ModelInfo(
@@ -405,29 +355,4 @@ class ModelRegistry:
             dimension=manifest.dimension if manifest else None,
             max_tokens=manifest.max_tokens if manifest else None,
             pinned=self._pin_required and name in self.required,
-        )
-
-    def _info(self, entry: ModelEntry) -> ModelInfo:
-        stats = entry.batcher.stats
-        return ModelInfo(
-            name=entry.spec.name,
-            is_loaded=True,
-            source=entry.spec.source,
-            dimension=entry.backend.dimension,
-            max_tokens=entry.backend.max_tokens,
-            load_time_s=round(entry.load_time_s, 4),
-            loaded_at=_iso(entry.loaded_at),
-            last_used=_iso(entry.last_used_wall),
-            pinned=entry.pinned,
-            queued=entry.batcher.queued,
-            in_flight=entry.batcher.in_flight,
-            stats={
-                "batches": stats.batches,
-                "texts": stats.texts,
-                "mean_batch_size": round(stats.mean_batch_size, 3),
-                "failed_batches": stats.failed_batches,
-                "dropped_texts": stats.dropped_texts,
-                "inference_s": round(stats.inference_s, 4),
-                "queue_s": round(stats.queue_s, 4),
-            },
         )

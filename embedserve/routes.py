@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from embedserve.batcher import EmbedResult
+from embedserve.entries import ModelInfo
 from embedserve.errors import (
     InvalidModelName,
     ModelNotAllowed,
@@ -20,7 +21,7 @@ from embedserve.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
-from embedserve.registry import ModelInfo, ModelRegistry
+from embedserve.registry import ModelRegistry
 from embedserve.responses import JSONResponse, error_response
 from embedserve.schemas import (
     BatchEmbedRequest,
