@@ -78,6 +78,10 @@ class FastEmbedBackend:
         return np.asarray(rows, dtype=np.float32).reshape(len(texts), self.dimension)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        if len(texts) == 1:
+            # `encode` keeps the GIL; `encode_batch` releases it and, on the event loop,
+            # then waits up to the interpreter's switch interval (5 ms) to get it back.
+            return [len(self._tokenizer.encode(texts[0]).ids)]
         return [len(e.ids) for e in self._tokenizer.encode_batch(list(texts))]
 
     def close(self) -> None:

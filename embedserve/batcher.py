@@ -122,6 +122,7 @@ class MicroBatcher:
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()  # set by the loop whenever it finds nothing to do
         self._in_flight = 0
+        self._cancelled = 0  # requests ended early since the queue was last cleaned
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._batch_seq = 0
@@ -251,10 +252,14 @@ class MicroBatcher:
         # A caller that gave up (client gone, timeout) leaves the queue at once, so the
         # queue depth and admission see only live work, even while a batch is running.
         if future.cancelled():
+            self._cancelled += 1
             self._drop_cancelled()
             self._wakeup.set()
 
     def _drop_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        self._cancelled = 0
         live = [item for item in self._pending if not item.request.future.done()]
         self.stats.dropped_texts += len(self._pending) - len(live)
         self._pending = live
@@ -307,11 +312,12 @@ class MicroBatcher:
         for item in batch:
             self._deliver(item, vectors[rows[item.text]], seq, elapsed, started)
 
-    @staticmethod
-    def _fail(batch: list[_Item], error: Exception) -> None:
+    def _fail(self, batch: list[_Item], error: Exception) -> None:
         for item in batch:
             if not item.request.future.done():
                 item.request.future.set_exception(error)
+                # The request's other texts may still be queued: clean them out too.
+                self._cancelled += 1
 
     def _deliver(self, item: _Item, row: Vectors, seq: int, elapsed: float, started: float) -> None:
         request = item.request

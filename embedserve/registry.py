@@ -119,15 +119,14 @@ class ModelRegistry:
     # -- using models ----------------------------------------------------------------
     async def embed(
         self, name: str, texts: Sequence[str], *, arrived_at: float | None = None
-    ) -> tuple[ModelInfo, EmbedResult]:
+    ) -> EmbedResult:
         """Embed `texts` with model `name`, loading it first if needed.
 
         `arrived_at` (``time.monotonic()`` when the request reached the server) lets a
         request that arrived before shutdown began still be served while draining.
         """
         async with self.lease(name, arrived_at=arrived_at) as entry:
-            result = await entry.batcher.submit(texts, timeout_s=self._request_timeout_s)
-            return entry.info(), result
+            return await entry.batcher.submit(texts, timeout_s=self._request_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lease(

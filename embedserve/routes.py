@@ -13,7 +13,6 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from embedserve.batcher import EmbedResult
-from embedserve.entries import ModelInfo
 from embedserve.errors import (
     InvalidModelName,
     ModelNotAllowed,
@@ -99,18 +98,18 @@ def _model_name(settings: Settings, requested: str | None) -> str:
 
 async def _run(
     request: Request, model: str, texts: list[str]
-) -> tuple[ModelInfo, EmbedResult, float]:
+) -> tuple[EmbedResult, float]:
     _, registry, stats = _state(request)
     started = time.perf_counter()
     try:
         arrived_at = request.scope.get("embedserve.arrived_at")
         work = registry.embed(model, texts, arrived_at=arrived_at)
-        info, result = await _unless_disconnected(request, work)
+        result = await _unless_disconnected(request, work)
     except ClientGone:
         stats.errors["client_disconnected"] += 1
         raise
     stats.total_embeddings += len(texts)
-    return info, result, (time.perf_counter() - started) * 1000
+    return result, (time.perf_counter() - started) * 1000
 
 
 def _timing_headers(result: EmbedResult) -> dict[str, str]:
@@ -130,13 +129,13 @@ async def embed(request: Request) -> Response:
         [body.text], max_length=settings.max_text_length, truncate=body.truncate, field="text"
     )
     try:
-        info, result, elapsed_ms = await _run(request, model, [text])
+        result, elapsed_ms = await _run(request, model, [text])
     except ClientGone:
         return Response(status_code=499)
     content: dict[str, Any] = {
         "embedding": result.vectors[0],
         "model_name": model,
-        "dimension": info.dimension,
+        "dimension": result.vectors.shape[1],
         "text_length": len(text),
         "processing_time_ms": round(elapsed_ms, 3),
     }
@@ -160,13 +159,13 @@ async def embed_batch(request: Request) -> Response:
         body.texts, max_length=settings.max_text_length, truncate=body.truncate, field="texts"
     )
     try:
-        info, result, elapsed_ms = await _run(request, model, texts)
+        result, elapsed_ms = await _run(request, model, texts)
     except ClientGone:
         return Response(status_code=499)
     content = {
         "embeddings": result.vectors,
         "model_name": model,
-        "dimension": info.dimension,
+        "dimension": result.vectors.shape[1],
         "count": len(texts),
         "processing_time_ms": round(elapsed_ms, 3),
     }

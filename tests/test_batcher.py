@@ -256,3 +256,17 @@ async def test_long_texts_are_tokenised_off_the_loop_and_still_embedded(
             result = await batcher.submit([long_text, "short"])
     assert result.token_counts == [backend.max_tokens, 3]
     assert np.allclose(result.vectors[0], fake_vector(long_text))
+
+
+async def test_failed_request_leaves_no_texts_behind_in_the_queue(
+    backend: FakeBackend, gate: GatedRunner
+):
+    gate.open = True
+    with anyio.fail_after(5):
+        async with running(backend, gate, max_texts=1) as batcher:
+            backend.fail_next = RuntimeError("boom")
+            with pytest.raises(InferenceFailed):
+                await batcher.submit(["first", "second"])
+            await batcher.submit(["next"])
+    assert backend.batches == [["first"], ["next"]]
+    assert batcher.queued == 0
