@@ -142,18 +142,24 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EmbedServeError)
     request.app.state.stats.errors[exc.error_type] += 1
     extra = {"details": exc.details} if isinstance(exc, ValidationFailed) and exc.details else {}
-    return error_response(exc.status_code, exc.message, exc.error_type, exc.headers, extra)
+    return error_response(
+        exc.status_code, exc.message, exc.error_type, exc.headers, extra, path=request.url.path
+    )
 
 
 async def _handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kinds = {404: "not_found", 405: "method_not_allowed"}
     return error_response(
-        exc.status_code, str(exc.detail), kinds.get(exc.status_code, "http_error"), exc.headers
+        exc.status_code,
+        str(exc.detail),
+        kinds.get(exc.status_code, "http_error"),
+        exc.headers,
+        path=request.url.path,
     )
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     request.app.state.stats.errors["internal_error"] += 1
-    return error_response(500, "internal server error", "internal_error")
+    return error_response(500, "internal server error", "internal_error", path=request.url.path)

@@ -78,6 +78,7 @@ class RateLimit:
                 f"rate limit of {self.buckets.capacity} requests per minute exceeded",
                 "rate_limited",
                 headers,
+                path=scope["path"],
             )
             await response(scope, receive, send)
             return

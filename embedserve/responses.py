@@ -1,4 +1,9 @@
-"""orjson responses and the one error shape: ``{"error": message, "error_type": type}``."""
+"""orjson responses and the error shapes: ``{"error", "error_type"}``, or OpenAI's on ``/v1``.
+
+Every error leaves the server through `error_response`; middleware that answers on its own
+(auth, rate limits, body size) passes the request path so ``/v1/*`` clients get OpenAI's
+``{"error": {"message", "type", "param", "code"}}``, which their client libraries surface.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from typing import Any
 
 import orjson
 from starlette.responses import JSONResponse as _StarletteJSON
+
+OPENAI_PREFIX = "/v1/"
 
 
 class JSONResponse(_StarletteJSON):
@@ -22,9 +29,38 @@ def error_response(
     error_type: str,
     headers: Mapping[str, str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    *,
+    path: str = "",
+    param: str | None = None,
 ) -> JSONResponse:
-    """The error body every endpoint uses."""
-    body: dict[str, Any] = {"error": message, "error_type": error_type}
-    if extra:
-        body.update(extra)
+    """The error body for a request to `path` (OpenAI's shape under ``/v1/``)."""
+    body: dict[str, Any]
+    if path.startswith(OPENAI_PREFIX):
+        body = {
+            "error": {
+                "message": message,
+                "type": _openai_type(status_code),
+                "param": param,
+                "code": error_type,
+            }
+        }
+    else:
+        body = {"error": message, "error_type": error_type}
+        if extra:
+            body.update(extra)
     return JSONResponse(body, status_code=status_code, headers=dict(headers or {}))
+
+
+def _openai_type(status_code: int) -> str:
+    """OpenAI's coarse error type for a status code."""
+    if status_code == 401:
+        return "authentication_error"
+    if status_code == 403:
+        return "permission_error"
+    if status_code == 404:
+        return "not_found_error"
+    if status_code == 429:
+        return "rate_limit_error"
+    if status_code < 500:
+        return "invalid_request_error"
+    return "server_error"
