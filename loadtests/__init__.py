@@ -1,0 +1,1 @@
+"""Load tests for embedserve: a committed text corpus, a Locust file and a runner."""
