@@ -30,13 +30,58 @@ $(MODEL_STAMP): | $(VENV)/.installed
 run: $(VENV)/.installed $(MODEL_STAMP)
 	MODELS_DIR=$(MODELS_DIR) exec $(BIN)/embedserve serve
 
-test: $(VENV)/.installed $(MODEL_STAMP)
+# Debian's chromium, for tests/test_docs_browser.py: installed when missing if apt-get is
+# there and we are root. If it cannot be installed that one test skips; the run goes on.
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" -eq 0 ]; then \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			-o DPkg::Lock::Timeout=300 chromium >/dev/null; } \
+		|| echo "make: could not install chromium; tests/test_docs_browser.py will skip"; \
+	else echo "make: no chromium and no apt-get as root; tests/test_docs_browser.py will skip"; fi
+
+test: $(VENV)/.installed $(MODEL_STAMP) | $(CHROMIUM)
 	EMBEDSERVE_REQUIRE_MODEL=1 MODELS_DIR=$(MODELS_DIR) $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check embedserve tests scripts
-	$(BIN)/ruff format --check embedserve tests scripts
+	$(BIN)/ruff check embedserve tests scripts bench loadtests
+	$(BIN)/ruff format --check embedserve tests scripts bench loadtests
 	$(BIN)/mypy
+	$(BIN)/mypy --follow-imports=silent bench
+
+# The benchmark suite: in-process ceiling, the real server with batching on and off, the
+# soak; writes docs/BENCHMARKS.md and docs/benchmarks.png (about 20-25 minutes on 2 cores;
+# BENCH_QUICK=1 for a 2-3 minute smoke run, BENCH_REPEATS=n, BENCH_SOAK_S=s). It holds
+# $(BENCH_LOCK) so that two benchmarks never share the cores: do not wrap it in flock.
+BENCH_LOCK ?= /tmp/embedserve-bench.lock
+BENCH_ARGS ?=
+.PHONY: bench
+
+bench: $(VENV)/.installed $(VENV)/.bench-installed $(MODEL_STAMP)
+	MODELS_DIR=$(MODELS_DIR) flock $(BENCH_LOCK) $(BIN)/python -m bench --invoked-as 'make bench' $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: pyproject.toml | $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@touch $@
+
+# Locust load test (README, "Load testing with Locust"): starts a local server on a free
+# loopback port unless LOADTEST_HOST is set, runs Locust headless for LOADTEST_TIME, writes
+# CSV + HTML reports to loadtests/reports/<timestamp>/ and stops what it started.
+# LOADTEST_PROFILE is single, batch or mixed; LOADTEST_ARGS go to Locust (e.g. --batch-max 32).
+LOADTEST_HOST ?=
+LOADTEST_USERS ?= 64
+LOADTEST_SPAWN_RATE ?= 16
+LOADTEST_TIME ?= 60s
+LOADTEST_PROFILE ?= single
+LOADTEST_CORPUS ?= mixed
+LOADTEST_ARGS ?=
+.PHONY: loadtest
+
+loadtest: $(VENV)/.installed $(MODEL_STAMP)
+	MODELS_DIR=$(MODELS_DIR) $(BIN)/python -m loadtests.run --host '$(LOADTEST_HOST)' \
+		--users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) --time $(LOADTEST_TIME) \
+		--profile $(LOADTEST_PROFILE) --corpus $(LOADTEST_CORPUS) $(LOADTEST_ARGS)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

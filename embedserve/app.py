@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -20,9 +20,12 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from embedserve import backend
+from embedserve.auth import ApiKeyAuth, load_api_keys
 from embedserve.batcher import BatchPolicy
 from embedserve.errors import EmbedServeError, ValidationFailed
 from embedserve.limits import BodySizeLimit
+from embedserve.logs import AccessLog
+from embedserve.prometheus import PrometheusMetrics
 from embedserve.ratelimit import RateLimit, TokenBuckets
 from embedserve.registry import ModelRegistry
 from embedserve.responses import error_response
@@ -106,6 +109,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             await registry.aclose(settings.shutdown_grace_s)
             logger.info("models released")
 
+    # First is outermost. CORS wraps auth and rate limit so their 401/429 carry CORS headers;
+    # auth runs before the rate limit so a refused request spends no key's budget.
     middleware = [Middleware(_StampArrival)]
     if settings.enable_cors:
         middleware.append(
@@ -114,14 +119,39 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST", "OPTIONS"],
                 allow_headers=["*"],
-                expose_headers=["X-Queue-Time", "X-Inference-Time", "Retry-After"],
+                expose_headers=[
+                    "X-Queue-Time",
+                    "X-Inference-Time",
+                    "Retry-After",
+                    "X-Request-ID",
+                    "RateLimit-Limit",
+                    "RateLimit-Remaining",
+                    "RateLimit-Reset",
+                    "RateLimit-Policy",
+                    "WWW-Authenticate",
+                ],
             )
         )
+    api_keys = load_api_keys(settings)
+    if api_keys:
+        middleware.append(Middleware(ApiKeyAuth, keys=api_keys))
     if settings.enable_rate_limit:
         buckets = TokenBuckets(settings.rate_limit_requests)
-        middleware.append(Middleware(RateLimit, buckets=buckets))
+        middleware.append(
+            Middleware(RateLimit, buckets=buckets, trusted_proxies=settings.trusted_proxies)
+        )
     middleware.append(Middleware(BodySizeLimit, max_bytes=settings.max_request_bytes))
-    app = Starlette(
+    prometheus = PrometheusMetrics(registry) if settings.enable_metrics else None
+    if prometheus is not None:
+        registry.observer = prometheus
+    access_log = partial(
+        AccessLog,
+        log=settings.access_log,
+        on_request=prometheus.on_request if prometheus is not None else None,
+        trusted_proxies=settings.trusted_proxies,
+    )
+    app = _App(
+        access_log=access_log,
         debug=False,  # never render tracebacks to clients, whatever DEBUG says
         routes=routes(),
         middleware=middleware,
@@ -135,7 +165,24 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     app.state.settings = settings
     app.state.registry = registry
     app.state.stats = AppStats()
+    app.state.prometheus = prometheus
     return app
+
+
+class _App(Starlette):
+    """Starlette with `AccessLog` outermost, outside even the 500 handler, so unhandled
+    errors are logged, counted and carry X-Request-ID like every other answer.
+    """
+
+    def __init__(self, *, access_log: Callable[..., ASGIApp], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._access_log = access_log
+
+    def build_middleware_stack(self) -> ASGIApp:
+        static_paths = frozenset(
+            path for route in self.routes if "{" not in (path := getattr(route, "path", "{"))
+        )
+        return self._access_log(super().build_middleware_stack(), static_paths=static_paths)
 
 
 async def _handle_error(request: Request, exc: Exception) -> Response:
@@ -143,7 +190,13 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
     request.app.state.stats.errors[exc.error_type] += 1
     extra = {"details": exc.details} if isinstance(exc, ValidationFailed) and exc.details else {}
     return error_response(
-        exc.status_code, exc.message, exc.error_type, exc.headers, extra, path=request.url.path
+        exc.status_code,
+        exc.message,
+        exc.error_type,
+        exc.headers,
+        extra,
+        path=request.url.path,
+        param=exc.param,
     )
 
 

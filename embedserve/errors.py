@@ -9,15 +9,21 @@ from __future__ import annotations
 
 
 class EmbedServeError(Exception):
-    """Base class. `status_code` and `error_type` decide how the client sees it."""
+    """Base class. `status_code` and `error_type` decide how the client sees it.
+
+    `param` names the request field at fault; only OpenAI's error shape (``/v1``) shows it.
+    """
 
     status_code: int = 500
     error_type: str = "internal_error"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, headers: dict[str, str] | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.param = param
 
 
 class BadRequest(EmbedServeError):

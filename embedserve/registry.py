@@ -12,7 +12,8 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
@@ -35,6 +36,14 @@ logger = logging.getLogger(__name__)
 Loader = Callable[[ModelSpec], Backend]
 
 
+class ModelObserver(Protocol):
+    """Told about every model batch and every embedded request (metrics); must be quick."""
+
+    def on_batch(self, model: str, texts: int, padded_tokens: int, seconds: float) -> None: ...
+
+    def on_result(self, model: str, result: EmbedResult) -> None: ...
+
+
 class ModelRegistry:
     """The single owner of loaded models.
 
@@ -43,6 +52,7 @@ class ModelRegistry:
     remembered for `load_retry_s`. Eviction (LRU past `max_cached_models`) and offload
     (unused for `model_cache_ttl`) skip pinned and busy models; a busy model is evicted once
     it drains. `aclose` drains every batcher within the grace period and releases models.
+    `observer` (set it before `start`) hears of each model's batches and results.
     """
 
     def __init__(
@@ -64,8 +74,10 @@ class ModelRegistry:
         load_run_sync: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        observer: ModelObserver | None = None,
     ) -> None:
         self.store = store
+        self.observer = observer
         self.policy = policy
         self.required = list(required)
         self.allowed = frozenset(allowed)
@@ -126,7 +138,10 @@ class ModelRegistry:
         request that arrived before shutdown began still be served while draining.
         """
         async with self.lease(name, arrived_at=arrived_at) as entry:
-            return await entry.batcher.submit(texts, timeout_s=self._request_timeout_s)
+            result = await entry.batcher.submit(texts, timeout_s=self._request_timeout_s)
+        if self.observer is not None:
+            self.observer.on_result(name, result)
+        return result
 
     @contextlib.asynccontextmanager
     async def lease(
@@ -175,7 +190,8 @@ class ModelRegistry:
             backend = await self._load_run_sync(lambda: self._loader(spec))
             warm = backend
             await self._load_run_sync(lambda: warm.embed(["warm-up"]))
-            batcher = MicroBatcher(backend, self.policy, run_sync=self._run_sync)
+            on_batch = partial(self.observer.on_batch, spec.name) if self.observer else None
+            batcher = MicroBatcher(backend, self.policy, run_sync=self._run_sync, on_batch=on_batch)
             batcher.start()
         except BaseException as exc:
             if backend is not None:

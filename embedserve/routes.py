@@ -20,6 +20,8 @@ from embedserve.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from embedserve.logs import MODEL_KEY, TEXTS_KEY
+from embedserve.prometheus import prometheus_answer
 from embedserve.registry import ModelRegistry
 from embedserve.responses import JSONResponse, error_response
 from embedserve.schemas import (
@@ -41,6 +43,10 @@ class ClientGone(Exception):
 
 def routes() -> list[BaseRoute]:
     """Every route of the API."""
+    from embedserve.docs import docs_routes
+    from embedserve.openai_api import openai_routes  # here: openai_api imports this module
+    from embedserve.openapi import openapi_json  # here: it imports openai_api
+
     return [
         Route("/embed", embed, methods=["POST"]),
         Route("/embed/batch", embed_batch, methods=["POST"]),
@@ -49,6 +55,9 @@ def routes() -> list[BaseRoute]:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/models", list_models, methods=["GET"]),
         Route("/models/{model_name:path}", show_model, methods=["GET"]),
+        *openai_routes(),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        *docs_routes(),
     ]
 
 
@@ -96,10 +105,10 @@ def _model_name(settings: Settings, requested: str | None) -> str:
     return name
 
 
-async def _run(
-    request: Request, model: str, texts: list[str]
-) -> tuple[EmbedResult, float]:
+async def _run(request: Request, model: str, texts: list[str]) -> tuple[EmbedResult, float]:
     _, registry, stats = _state(request)
+    request.scope[MODEL_KEY] = model  # for the access log line
+    request.scope[TEXTS_KEY] = len(texts)
     started = time.perf_counter()
     try:
         arrived_at = request.scope.get("embedserve.arrived_at")
@@ -212,10 +221,15 @@ async def ready(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """``GET /metrics``: request totals plus per-model batching figures (JSON)."""
+    """``GET /metrics``: request totals plus per-model batching figures (JSON), or the
+    Prometheus exposition when the scraper asks for it (see `prometheus.prometheus_answer`).
+    """
     settings, registry, stats = _state(request)
     if not settings.enable_metrics:
         return error_response(404, "metrics are disabled (ENABLE_METRICS=false)", "not_found")
+    exposition = prometheus_answer(request)
+    if exposition is not None:
+        return exposition
     per_model: dict[str, Any] = {}
     batches = texts = 0
     for info in registry.loaded():

@@ -1,8 +1,8 @@
-"""Request bodies of the HTTP API and the checks that depend on settings (length, count)."""
+"""Request and response bodies of the HTTP API, and the checks that depend on settings."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
@@ -29,6 +29,177 @@ class BatchEmbedRequest(_Request):
     """``POST /embed/batch``: several texts, answered in the same order."""
 
     texts: list[StrictStr] = Field(min_length=1)
+
+
+# -- responses --------------------------------------------------------------------------
+# Handlers build plain dicts (orjson writes numpy arrays directly); these models describe
+# those bodies for /openapi.json, and tests/test_openapi.py checks real answers against them.
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmbedResponse(_Response):
+    """``POST /embed``: 200."""
+
+    embedding: list[float] = Field(description="The embedding (normalised if the model is)")
+    model_name: str = Field(description="Model that made it")
+    dimension: int = Field(description="Length of the embedding")
+    text_length: int = Field(description="Characters embedded, after any truncation")
+    processing_time_ms: float = Field(description="Time in the server, queue included")
+    truncated: bool = Field(False, description='Sent (true) only when "truncate" cut the text')
+
+
+class BatchEmbedResponse(_Response):
+    """``POST /embed/batch``: 200; embeddings in the order of ``texts``."""
+
+    embeddings: list[list[float]] = Field(description="One embedding per text, in order")
+    model_name: str = Field(description="Model that made them")
+    dimension: int = Field(description="Length of each embedding")
+    count: int = Field(description="Number of embeddings")
+    processing_time_ms: float = Field(description="Time in the server, queue included")
+
+
+class CacheInfo(_Response):
+    """Which models are loaded, and the cache's limits."""
+
+    cached_models: int = Field(description="Models loaded now")
+    max_cached_models: int = Field(description="MAX_CACHED_MODELS")
+    model_names: list[str] = Field(description="Names of the loaded models")
+    ttl_seconds: float = Field(description="MODEL_CACHE_TTL")
+
+
+class HealthResponse(_Response):
+    """``GET /health``: 200 when healthy, 503 (same body) otherwise."""
+
+    status: Literal["healthy", "unhealthy", "shutting_down"]
+    cache_info: CacheInfo
+    uptime_seconds: float
+
+
+class ReadyResponse(_Response):
+    """``GET /ready``: 200 when ready; 503 names the required models not loaded yet."""
+
+    status: Literal["ready", "not_ready", "shutting_down"]
+    missing: list[str] = Field(default_factory=list, description="Required models not loaded")
+
+
+class MetricsResponse(BaseModel):
+    """``GET /metrics``: counters; loose (more figures may appear)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    total_requests: int
+    total_embeddings: int
+    cache_info: CacheInfo
+    uptime_seconds: float
+    errors: dict[str, int] = Field(description="Errors answered, by error_type")
+    batching: dict[str, Any] = Field(
+        description="Batches run, mean batch size, evictions, offloads, and per model: queue "
+        "depth, in-flight texts, batches, failed batches, dropped texts, inference and queue time"
+    )
+
+
+class ModelsResponse(_Response):
+    """``GET /models``."""
+
+    required_models: list[str] = Field(description="REQUIRED_MODELS; the first is the default")
+    cached_models: list[str] = Field(description="Models loaded now")
+    allowed_models: list[str] | None = Field(description="ALLOWED_MODELS; null: any model")
+    local_models: list[str] = Field(description="Models imported into MODELS_DIR")
+
+
+class ModelInfoResponse(_Response):
+    """``GET /models/{model_name}``: one model, loaded or not."""
+
+    model_name: str
+    is_cached: bool = Field(description="Loaded now")
+    load_time: float | None = Field(description="Seconds the last load took")
+    loaded_at: str | None = Field(description="When it was loaded (ISO 8601, UTC)")
+    last_used: str | None = Field(description="When it last ran a batch (ISO 8601, UTC)")
+    source: str | None = Field(description="Where it was loaded from")
+    dimension: int | None = Field(description="Length of its embeddings")
+    max_tokens: int | None = Field(description="Token limit; longer texts are truncated")
+    pinned: bool = Field(description="Never evicted or offloaded")
+    queued: int = Field(description="Texts waiting for a batch")
+    in_flight: int = Field(description="Texts in a running batch")
+    stats: dict[str, float] = Field(description="Batch figures since it was loaded")
+
+
+class ErrorDetail(_Response):
+    """One failed field of a 422."""
+
+    loc: list[str | int] = Field(description="Where in the body")
+    msg: str
+    type: str
+
+
+class ErrorResponse(_Response):
+    """Every error outside ``/v1``."""
+
+    error: str = Field(description="What went wrong, for a person")
+    error_type: str = Field(description="Stable kind, for a program (README, Errors)")
+    details: list[ErrorDetail] = Field(
+        default_factory=list, description="422 only: every failed field"
+    )
+
+
+class OpenAIErrorBody(_Response):
+    """OpenAI's error object."""
+
+    message: str
+    type: str = Field(description="OpenAI's coarse type, e.g. invalid_request_error")
+    param: str | None = Field(description="The request field at fault, if one is")
+    code: str | None = Field(description="embedserve's error_type")
+
+
+class OpenAIErrorResponse(_Response):
+    """Every error under ``/v1``, in OpenAI's shape (its client libraries read it)."""
+
+    error: OpenAIErrorBody
+
+
+class OpenAIEmbedding(_Response):
+    """One row of ``POST /v1/embeddings``."""
+
+    object: Literal["embedding"]
+    index: int = Field(description="Position of its input")
+    embedding: list[float] | str = Field(
+        description="Floats; with encoding_format=base64, base64 of little-endian float32"
+    )
+
+
+class OpenAIUsage(_Response):
+    """Tokens counted by the model's tokenizer."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingsResponse(_Response):
+    """``POST /v1/embeddings``: 200, as OpenAI answers it."""
+
+    object: Literal["list"]
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class OpenAIModel(_Response):
+    """OpenAI's model object."""
+
+    id: str
+    object: Literal["model"]
+    created: int = Field(description="Unix time it was imported or loaded; 0 if unknown")
+    owned_by: str
+
+
+class OpenAIModelList(_Response):
+    """``GET /v1/models``."""
+
+    object: Literal["list"]
+    data: list[OpenAIModel]
 
 
 def parse_json(body: bytes) -> Any:

@@ -12,7 +12,9 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedserve.app import create_app
+from embedserve.auth import warn_if_exposed
 from embedserve.backend import route_library_logs
+from embedserve.logs import configure_logging as configure_log_output
 from embedserve.registry import ModelRegistry
 from embedserve.settings import Settings
 
@@ -74,11 +76,9 @@ class _OneLineStartupFailure:
 
 
 def configure_logging(settings: Settings) -> None:
-    """Plain one-line logs at LOG_LEVEL (DEBUG when DEBUG=true)."""
+    """One-line logs (LOG_FORMAT: text or JSON) at LOG_LEVEL (DEBUG when DEBUG=true)."""
     level = "DEBUG" if settings.debug else settings.log_level
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    configure_log_output(level, settings.log_format)
     route_library_logs()
 
 
@@ -89,6 +89,7 @@ def serve(settings: Settings) -> int:
     ends as killed by that signal (status 143 / -15), as the convention for signals is.
     """
     configure_logging(settings)
+    warn_if_exposed(settings)
     app = create_app(settings)
     config = uvicorn.Config(
         _OneLineStartupFailure(app),
@@ -97,7 +98,8 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level.lower(),
         lifespan="on",
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
-        access_log=settings.debug,
+        log_config=None,  # uvicorn's records go through our handler, in LOG_FORMAT
+        access_log=False,  # AccessLog writes one line per request (ACCESS_LOG)
         server_header=False,
         # Forwarded headers are not trusted (no proxy is configured), and skipping the
         # middleware saves a layer on every request.

@@ -8,13 +8,21 @@ from explicit values without touching the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -22,9 +30,14 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from embedserve.auth import check_api_key, read_api_keys_file
+
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 StrList = Annotated[list[str], NoDecode]
+SecretList = Annotated[list[SecretStr], NoDecode]
+# Never echoed in an error message (see `_describe`).
+SECRET_SETTINGS = frozenset({"API_KEYS"})
 
 
 # Set while `Settings.build` runs, so that explicit construction never reads the environment.
@@ -53,6 +66,12 @@ class Settings(BaseSettings):
     debug: bool = _field("DEBUG", False, "Debug logging (never exposes tracebacks to clients).")
     log_level: Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"] = _field(
         "LOG_LEVEL", "INFO", "Log level."
+    )
+    log_format: Literal["text", "json"] = _field(
+        "LOG_FORMAT", "text", "Log lines as plain text, or as one JSON object per line."
+    )
+    access_log: bool = _field(
+        "ACCESS_LOG", True, "One INFO log line per request (never headers or bodies)."
     )
     shutdown_grace_s: float = _field(
         "SHUTDOWN_GRACE_S", 30.0, "Seconds to finish accepted work after SIGTERM.", gt=0
@@ -148,6 +167,15 @@ class Settings(BaseSettings):
         "RATE_LIMIT_REQUESTS", 100, "Requests per minute per client when rate limiting.", ge=1
     )
     enable_metrics: bool = _field("ENABLE_METRICS", True, "Serve /metrics.")
+    api_keys: SecretList = _field(
+        "API_KEYS", [], "Keys accepted as 'Authorization: Bearer <key>'; none: auth is off."
+    )
+    api_keys_file: Path | None = _field(
+        "API_KEYS_FILE", None, "File of API keys, one a line, '#' comments; adds to API_KEYS."
+    )
+    trusted_proxies: StrList = _field(
+        "TRUSTED_PROXIES", [], "Proxy IPs/CIDRs whose X-Forwarded-For names the client."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -162,7 +190,14 @@ class Settings(BaseSettings):
             return (init_settings,)
         return (init_settings, env_settings)
 
-    @field_validator("required_models", "allowed_models", "cors_origins", mode="before")
+    @field_validator(
+        "required_models",
+        "allowed_models",
+        "cors_origins",
+        "api_keys",
+        "trusted_proxies",
+        mode="before",
+    )
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -170,6 +205,27 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for key in value:
+            check_api_key(key.get_secret_value())
+        return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _check_api_keys_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_api_keys_file(value)  # fail at start-up, in one line, not on first request
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
         return value
 
     @field_validator("log_level", mode="before")
@@ -228,7 +284,7 @@ def _describe(exc: ValidationError) -> str:
         if name.startswith("EMBEDSERVE_"):
             name = name.removeprefix("EMBEDSERVE_")
         value = os.environ.get(name, os.environ.get(f"EMBEDSERVE_{name}"))
-        shown = f"={value!r}" if value is not None and loc else ""
+        shown = f"={value!r}" if value is not None and loc and name not in SECRET_SETTINGS else ""
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"invalid setting {name}{shown}: {message}")
     return "; ".join(parts)

@@ -11,9 +11,11 @@ Not a test: it reports figures and asserts nothing. One run measures, on determi
 then a sweep of ``BATCH_TOKEN_BUDGET`` x ``BATCH_MAX_TEXTS`` at N clients, and the
 uniform-short-texts case (in-process best against the server).
 
-The load generator is a separate process speaking raw HTTP/1.1 over keep-alive asyncio
-streams, so it costs the two shared cores little; its CPU time is reported next to the
-server's. Run from the repository root::
+The load generator (``bench/loadgen.py``, shared with ``make bench``) is a separate process
+speaking raw HTTP/1.1 over keep-alive asyncio streams, so it costs the two shared cores
+little; its CPU time is reported next to the server's. ``make bench`` is the full, repeated
+benchmark that writes docs/BENCHMARKS.md; this script is the quick tuning tool. Run from the
+repository root::
 
     .venv/bin/python scripts/quickbench.py            # everything: about 2 minutes on 2 cores
     .venv/bin/python scripts/quickbench.py --no-sweep --requests 512
@@ -22,19 +24,15 @@ server's. Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import asyncio
-import itertools
 import json
 import os
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,99 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MAX_REQUEST_S = 60.0  # one request; the whole load run is bounded separately
 
-
-# -- load generator (runs in its own process) -----------------------------------------------
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """Read one HTTP/1.1 response; its status and whether the server will close."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head[9:12])
-    lower = head.lower()
-    marker = lower.find(b"\r\ncontent-length:")
-    if marker < 0:
-        raise RuntimeError("response without content-length")
-    end = lower.index(b"\r\n", marker + 2)
-    length = int(lower[marker + 17 : end])
-    await reader.readexactly(length)
-    return status, b"\r\nconnection: close" in lower
-
-
-async def _client(
-    port: int,
-    requests: Sequence[bytes],
-    counter: itertools.count[int],
-    total: int,
-    latencies: list[float],
-    statuses: Counter[str],
-) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        for _ in range(total):  # bounded: each pass takes one of `total` request numbers
-            index = next(counter)
-            if index >= total:
-                return
-            payload = requests[index % len(requests)]
-            started = time.perf_counter()
-            try:
-                writer.write(payload)
-                async with asyncio.timeout(MAX_REQUEST_S):
-                    status, closing = await _read_response(reader)
-            except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
-                statuses[type(exc).__name__] += 1
-                closing = True
-            else:
-                latencies.append((time.perf_counter() - started) * 1000)
-                statuses[str(status)] += 1
-            if closing:
-                writer.close()
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    finally:
-        writer.close()
-
-
-def _requests(port: int, texts: Sequence[str]) -> list[bytes]:
-    """The full HTTP/1.1 request for each text, built once before the clock starts."""
-    head = f"POST /embed HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-    requests = []
-    for text in texts:
-        body = json.dumps({"text": text}).encode()
-        requests.append(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    return requests
-
-
-async def _load(spec: dict[str, Any], requests: list[bytes]) -> dict[str, Any]:
-    port, clients, total = spec["port"], spec["clients"], spec["requests"]
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
-    counter = itertools.count()
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    async with asyncio.timeout(spec["deadline_s"]):
-        await asyncio.gather(
-            *(_client(port, requests, counter, total, latencies, statuses) for _ in range(clients))
-        )
-    return {
-        "wall_s": time.perf_counter() - wall0,
-        "cpu_s": time.process_time() - cpu0,
-        "latencies_ms": latencies,
-        "statuses": dict(statuses),
-    }
-
-
-def loadgen_main(spec_path: str) -> int:
-    """Entry point of the load generator process: spec JSON in, results JSON on stdout."""
-    spec = json.loads(Path(spec_path).read_text())
-    try:
-        import uvloop
-
-        runner: Callable[[Any], Any] = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    texts = json.loads(Path(spec["texts_path"]).read_text())
-    print(json.dumps(runner(_load(spec, _requests(spec["port"], texts)))))
-    return 0
-
-
+# The load generator, the batch schedules and the /metrics reading are the benchmark suite's
+# (bench/); this script keeps its own comparisons and sweeps for tuning.
 @dataclass
 class LoadResult:
     requests: int
@@ -157,149 +65,61 @@ class LoadResult:
         return self.texts / self.batches if self.batches else 0.0
 
 
-def run_load(port: int, texts_path: Path, clients: int, requests: int) -> dict[str, Any]:
-    """Run the load generator process and return its results (bounded in time)."""
-    deadline_s = max(60.0, requests * 0.5)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec_file:
-        json.dump(
-            {
-                "port": port,
-                "clients": clients,
-                "requests": requests,
-                "texts_path": str(texts_path),
-                "deadline_s": deadline_s,
-            },
-            spec_file,
-        )
-    try:
-        done = subprocess.run(
-            [sys.executable, __file__, "_loadgen", spec_file.name],
-            capture_output=True,
-            text=True,
-            timeout=deadline_s + 30,
-            check=False,
-        )
-    finally:
-        os.unlink(spec_file.name)
-    if done.returncode != 0:
-        raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
+def run_load(server: Any, texts_path: Path, clients: int, requests: int) -> dict[str, Any]:
+    """One closed-loop run of `requests` requests in the load generator process."""
+    from bench.loadgen import LoadSpec
+    from bench.loadgen import run_load as run_loadgen
 
-
-# -- the server side ------------------------------------------------------------------------
-def process_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of `pid` (Linux /proc), or None elsewhere."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def batch_counters(base_url: str) -> tuple[int, int]:
-    """(model batches, texts embedded) so far, from ``/metrics``."""
-    import httpx
-
-    data = httpx.get(f"{base_url}/metrics", timeout=10).json()
-    batches = int(data["batching"]["batches"])
-    return batches, int(data["total_embeddings"])
+    spec = LoadSpec(
+        port=server.port,
+        texts_path=str(texts_path),
+        clients=clients,
+        max_requests=requests,
+        duration_s=None,
+        deadline_s=max(60.0, requests * 0.5),
+        server_pid=server.pid,
+    )
+    return run_loadgen(spec)
 
 
 def measure(server: Any, texts_path: Path, clients: int, requests: int, warmup: int) -> LoadResult:
     """Warm up, then one closed-loop run of `requests` requests from `clients` clients."""
-    import numpy as np
+    from bench.server import batch_counters
 
     if warmup:
-        run_load(server.port, texts_path, clients, warmup)
+        run_load(server, texts_path, clients, warmup)
     batches0, texts0 = batch_counters(server.base_url)
-    cpu0 = process_cpu_s(server.pid)
-    raw = run_load(server.port, texts_path, clients, requests)
-    cpu1 = process_cpu_s(server.pid)
+    raw = run_load(server, texts_path, clients, requests)
     batches1, texts1 = batch_counters(server.base_url)
-    latencies = np.asarray(raw["latencies_ms"] or [float("nan")])
     return LoadResult(
         requests=requests,
         wall_s=raw["wall_s"],
-        client_cpu_s=raw["cpu_s"],
-        server_cpu_s=None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
-        p50_ms=float(np.percentile(latencies, 50)),
-        p99_ms=float(np.percentile(latencies, 99)),
+        client_cpu_s=raw["client_cpu_s"],
+        server_cpu_s=raw["server_cpu_s"],
+        p50_ms=raw["latency_ms"]["p50"],
+        p99_ms=raw["latency_ms"]["p99"],
         statuses=raw["statuses"],
         batches=batches1 - batches0,
         texts=texts1 - texts0,
     )
 
 
-# -- in process -----------------------------------------------------------------------------
-def fixed_batches(count: int, size: int) -> list[list[int]]:
-    """Corpus-order batches of `size`."""
-    return [list(range(start, min(count, start + size))) for start in range(0, count, size)]
-
-
-def budget_batches(tokens: Sequence[int], budget: int) -> list[list[int]]:
-    """Length-sorted batches: consecutive texts while count x longest <= budget."""
-    order = sorted(range(len(tokens)), key=lambda i: tokens[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:  # sorted ascending, so the newcomer is the longest
-        if current and (len(current) + 1) * tokens[index] > budget:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def padded(tokens: Sequence[int], batches: list[list[int]]) -> int:
-    return sum(len(b) * max(tokens[i] for i in b) for b in batches)
-
-
-def time_batches(backend: Any, texts: Sequence[str], batches: list[list[int]]) -> float:
-    """Seconds to embed every batch once."""
-    started = time.perf_counter()
-    for batch in batches:
-        backend.embed([texts[i] for i in batch])
-    return time.perf_counter() - started
-
-
-@dataclass
-class InProcessRow:
-    label: str
-    batches: int
-    padded_tokens: int
-    texts_per_s: float
-
-
 def in_process(
     backend: Any, texts: Sequence[str], tokens: Sequence[int], budgets: Sequence[int]
-) -> list[InProcessRow]:
-    """Throughput at fixed batch sizes and under token budgets (one pass each)."""
-    plans = [(f"fixed {size}", fixed_batches(len(texts), size)) for size in (1, 8, 32, 64)]
-    plans += [(f"sorted, budget {b}", budget_batches(tokens, b)) for b in budgets]
-    time_batches(backend, texts, fixed_batches(min(64, len(texts)), 16))  # warm-up
-    rows = []
-    for label, batches in plans:
-        seconds = time_batches(backend, texts, batches)
-        rows.append(
-            InProcessRow(label, len(batches), padded(tokens, batches), len(texts) / seconds)
-        )
-    return rows
+) -> list[Any]:
+    """Throughput at fixed batch sizes and under token budgets (one whole pass each)."""
+    from bench.inprocess import measure_plans
 
-
-def single_call_p50_ms(backend: Any, texts: Sequence[str]) -> float:
-    import numpy as np
-
-    for text in texts[:5]:
-        backend.embed([text])
-    timings = []
-    for text in texts:
-        started = time.perf_counter()
-        backend.embed([text])
-        timings.append((time.perf_counter() - started) * 1000)
-    return float(np.percentile(timings, 50))
+    return measure_plans(
+        backend,
+        texts,
+        tokens,
+        fixed_sizes=(1, 8, 32, 64),
+        budgets=budgets,
+        passes=1,
+        fixed_max_s=None,
+        budget_max_s=None,
+    )
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -462,6 +282,7 @@ def main(argv: list[str]) -> int:
 
 def run_all(args: argparse.Namespace, backend: Any, corpora: dict[str, Corpus]) -> None:
     """Every measurement, in process first (before any server shares the cores)."""
+    from bench.inprocess import single_call_p50_ms
     from tests.serverutil import running_server
 
     mixed, short, lone = corpora["mixed"], corpora["short"], corpora["lone"]
@@ -559,6 +380,4 @@ def run_all(args: argparse.Namespace, backend: Any, corpora: dict[str, Corpus]) 
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "_loadgen":
-        raise SystemExit(loadgen_main(sys.argv[2]))
     raise SystemExit(main(sys.argv[1:]))

@@ -17,6 +17,7 @@ from embedserve.registry import ModelRegistry
 from embedserve.settings import Settings
 from embedserve.store import ModelStore
 from tests.fakes import FakeLoader, GatedRunner
+from tests.serverutil import require_exported_model
 
 CATALOGUE = frozenset({"fake/a", "fake/b", "fake/c", "BAAI/bge-small-en-v1.5"})
 
@@ -37,6 +38,12 @@ class Api:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def exported_model() -> Path:
+    """The imported default model's directory (skip, or fail under EMBEDSERVE_REQUIRE_MODEL)."""
+    return require_exported_model()
 
 
 @pytest.fixture

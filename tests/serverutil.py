@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -44,6 +45,22 @@ def models_dir() -> Path:
 def model_manifest(name: str = DEFAULT_MODEL, root: Path | None = None) -> Path:
     """Path of `name`'s manifest under the models directory (it may not exist)."""
     return (root or models_dir()) / name / MANIFEST_FILE
+
+
+def require_exported_model(name: str = DEFAULT_MODEL) -> Path:
+    """The imported model's directory. Skips the test without it, or fails it when
+    EMBEDSERVE_REQUIRE_MODEL is set (as `make test` and CI do), so CI never skips silently.
+    """
+    manifest = model_manifest(name)
+    if not manifest.is_file():
+        reason = (
+            f"no exported model at {manifest.parent} (run `make model`, or point MODELS_DIR "
+            "at a models directory)"
+        )
+        if os.environ.get("EMBEDSERVE_REQUIRE_MODEL"):
+            pytest.fail(f"EMBEDSERVE_REQUIRE_MODEL is set but {reason}")
+        pytest.skip(reason)
+    return manifest.parent
 
 
 def python_executable() -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 
 from loadtests import corpus
 from loadtests.run import CSV_PREFIX, parse_timespan
-from tests.serverutil import DEFAULT_MODEL, ROOT, model_manifest, server_env
+from tests.serverutil import ROOT, server_env
 
 RUN_TIMEOUT_S = 240.0  # a whole run.py invocation, server start-up and stop included
 
@@ -227,15 +226,6 @@ def test_locust_records_error_types_server_timings_and_the_batch_cap(
 
 
 # -- against the real server -------------------------------------------------------------------
-@pytest.fixture
-def exported_model() -> None:
-    """Skip without the exported model (fail under EMBEDSERVE_REQUIRE_MODEL=1)."""
-    manifest = model_manifest()
-    if not manifest.is_file():
-        reason = f"no exported model at {manifest.parent} (make model imports {DEFAULT_MODEL})"
-        if os.environ.get("EMBEDSERVE_REQUIRE_MODEL") == "1":
-            pytest.fail(f"EMBEDSERVE_REQUIRE_MODEL=1 but {reason}")
-        pytest.skip(reason)
 
 
 @pytest.mark.integration

@@ -7,7 +7,6 @@ the server uses, so a batching mix-up (a request getting another request's row) 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -24,7 +23,6 @@ import pytest
 from tests.serverutil import (
     DEFAULT_MODEL,
     ServerProcess,
-    model_manifest,
     models_dir,
     running_server,
     spread_texts,
@@ -46,18 +44,8 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def model_dir() -> Path:
-    """The exported model's directory; skip without it (fail under EMBEDSERVE_REQUIRE_MODEL=1)."""
-    manifest = model_manifest()
-    if not manifest.is_file():
-        reason = (
-            f"no exported model at {manifest.parent} (run 'embedserve models import SRC "
-            f"--name {DEFAULT_MODEL}', or point MODELS_DIR at a models directory)"
-        )
-        if os.environ.get("EMBEDSERVE_REQUIRE_MODEL") == "1":
-            pytest.fail(f"EMBEDSERVE_REQUIRE_MODEL=1 but {reason}")
-        pytest.skip(reason)
-    return manifest.parent
+def model_dir(exported_model: Path) -> Path:
+    return exported_model
 
 
 @pytest.fixture(scope="module")

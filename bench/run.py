@@ -1,0 +1,387 @@
+"""``make bench``: the configuration, the order of measurements, and where results go.
+
+One run, on one machine and one set of texts: machine facts, then the in-process ceiling
+for each corpus (before any server shares the cores), then for each repeat a server with
+batching on (single-text clients at every concurrency level, then ``/embed/batch``) and one
+with batching off, then the RSS soak. Results are saved after every measurement to
+``build/bench/results.json``; the report and plot are generated from that file only.
+
+Environment: ``BENCH_QUICK=1`` (a 2-3 minute smoke run), ``BENCH_REPEATS`` (3),
+``BENCH_SOAK_S`` (300). Command-line options override them (``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import inprocess, report  # noqa: E402
+from bench.facts import describe, load_corpus, machine_facts, own_cpu_s  # noqa: E402
+from bench.loadgen import machine_busy_s, other_cpu_s  # noqa: E402
+
+CORPORA = ("mixed", "short")
+
+
+@dataclass
+class Config:
+    """Everything that decides what a run measures; saved with its results."""
+
+    quick: bool = False
+    repeats: int = 3
+    corpora: list[str] = field(default_factory=lambda: list(CORPORA))
+    corpus_limit: int | None = None  # use only the first N texts of each corpus
+    levels: list[int] = field(default_factory=lambda: [1, 4, 16, 64, 256])
+    batch_levels: list[int] = field(default_factory=lambda: [1, 4, 16])
+    batch_group: int = 32
+    duration_s: float = 10.0  # per run at >= 16 clients; 0.6x below; 1 client runs by count
+    lone_requests: int = 400  # the 1-client runs: the first N texts, one after another
+    warmup_s: float = 2.0
+    soak_s: float = 300.0
+    soak_clients: int = 64
+    soak_interval_s: float = 1.0
+    fixed_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 32, 64, 128, 256])
+    budgets: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192])
+    inprocess_passes: int = 2
+    fixed_max_s: float | None = 4.0
+    budget_max_s: float | None = None
+    server_env: dict[str, str] = field(default_factory=dict)
+    plot: bool = True
+
+    def duration_for(self, clients: int) -> float | None:
+        """Seconds of a run at `clients` clients (None: the 1-client run goes by count)."""
+        if clients == 1:
+            return None
+        return self.duration_s if clients >= 16 else round(self.duration_s * 0.6, 2)
+
+
+def quick_config() -> Config:
+    """The ``BENCH_QUICK=1`` smoke run: one repeat of short runs on a cut corpus."""
+    return Config(
+        quick=True,
+        repeats=1,
+        corpus_limit=512,
+        duration_s=2.0,
+        lone_requests=60,
+        warmup_s=1.0,
+        soak_s=10.0,
+        inprocess_passes=1,
+        fixed_max_s=1.0,
+        budget_max_s=1.5,
+    )
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, argparse.Namespace]:
+    """The run's Config: defaults, then BENCH_QUICK's, then BENCH_* variables, then options."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run (as BENCH_QUICK=1)")
+    parser.add_argument("--repeats", type=int, help="runs of each server measurement")
+    parser.add_argument("--soak-s", type=float, help="seconds of the RSS soak")
+    parser.add_argument("--corpora", help="comma-separated corpus names (mixed,short)")
+    parser.add_argument("--corpus-limit", type=int, help="use the first N texts of each corpus")
+    parser.add_argument("--levels", help="client counts for /embed, e.g. 1,4,16,64,256")
+    parser.add_argument("--batch-levels", help="client counts for /embed/batch, e.g. 1,4,16")
+    parser.add_argument("--duration", type=float, help="seconds per run at >= 16 clients")
+    parser.add_argument("--lone", type=int, help="requests in each 1-client run")
+    parser.add_argument("--warmup", type=float, help="warm-up seconds per server and corpus")
+    parser.add_argument("--fixed-sizes", help="in-process fixed batch sizes")
+    parser.add_argument("--budgets", help="in-process padded-token budgets")
+    parser.add_argument("--passes", type=int, help="in-process passes per schedule (best kept)")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a server setting for every server run (repeatable), e.g. BATCH_TOKEN_BUDGET=1024",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="report directory")
+    parser.add_argument(
+        "--work", type=Path, default=ROOT / "build" / "bench", help="results JSON and logs"
+    )
+    parser.add_argument("--invoked-as", default="", help="the command to print in the report")
+    args = parser.parse_args(list(argv))
+
+    config = Config()
+    if args.quick or environ.get("BENCH_QUICK", "") not in ("", "0"):
+        config = quick_config()
+    if environ.get("BENCH_REPEATS"):
+        config.repeats = int(environ["BENCH_REPEATS"])
+    if environ.get("BENCH_SOAK_S"):
+        config.soak_s = float(environ["BENCH_SOAK_S"])
+    overrides: dict[str, Any] = {
+        "repeats": args.repeats,
+        "soak_s": args.soak_s,
+        "corpora": args.corpora and [c.strip() for c in args.corpora.split(",") if c.strip()],
+        "corpus_limit": args.corpus_limit,
+        "levels": args.levels and _ints(args.levels),
+        "batch_levels": None if args.batch_levels is None else _ints(args.batch_levels),
+        "duration_s": args.duration,
+        "lone_requests": args.lone,
+        "warmup_s": args.warmup,
+        "fixed_sizes": args.fixed_sizes and _ints(args.fixed_sizes),
+        "budgets": args.budgets and _ints(args.budgets),
+        "inprocess_passes": args.passes,
+    }
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(config, name, value)
+    config.server_env = dict(item.split("=", 1) for item in args.server_env)
+    config.plot = not args.no_plot
+    if config.repeats < 1 or config.soak_s < 0 or config.lone_requests < 1:
+        parser.error("repeats and --lone must be >= 1 and the soak >= 0 s")
+    return config, args
+
+
+def busy_note(result: dict[str, Any]) -> str:
+    """A warning for the progress log when other processes took CPU during a run."""
+    other, wall = result.get("other_cpu_s"), result.get("wall_s")
+    if other is None or not wall or other / wall < 0.2:
+        return ""
+    return f"  [other processes used {other / wall:.1f} cores]"
+
+
+# -- the run --------------------------------------------------------------------------------
+class Run:
+    """One benchmark run: owns the results dict and saves it after every measurement."""
+
+    def __init__(self, config: Config, work: Path, command: str) -> None:
+        self.config = config
+        self.work = work
+        self.started = time.monotonic()
+        self.results: dict[str, Any] = {
+            "meta": {
+                "command": command,
+                "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "config": asdict(config),
+                "machine": machine_facts(),
+            },
+            "corpora": {},
+            "inprocess": {},
+            "server": [],
+            "soak": None,
+        }
+        self.texts_paths: dict[str, Path] = {}
+
+    @property
+    def results_path(self) -> Path:
+        return self.work / "results.json"
+
+    def log(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.0f}s] {message}", file=sys.stderr, flush=True)
+
+    def save(self) -> None:
+        self.results["meta"]["duration_s"] = time.monotonic() - self.started
+        self.results_path.write_text(json.dumps(self.results, indent=1, allow_nan=True))
+
+    def corpora(self) -> dict[str, list[str]]:
+        """Every corpus, cut to the configured size and written where the generator reads."""
+        texts_by_name = {}
+        for name in self.config.corpora:
+            texts, description = load_corpus(name)
+            total = len(texts)
+            if self.config.corpus_limit:
+                texts = texts[: self.config.corpus_limit]
+            path = self.work / f"{name}.json"
+            path.write_text(json.dumps(texts))
+            self.texts_paths[name] = path
+            texts_by_name[name] = texts
+            self.results["corpora"][name] = {
+                "description": description,
+                "file": f"loadtests/corpus/{name}.jsonl",
+                "file_texts": total,
+            }
+        return texts_by_name
+
+    def in_process(self, texts_by_name: dict[str, list[str]]) -> None:
+        """The ceiling and single-call latency for each corpus; the model is freed after."""
+        from embedserve.backend import load_local
+        from embedserve.store import ModelStore
+        from tests.serverutil import DEFAULT_MODEL, model_manifest, models_dir
+
+        manifest = ModelStore(models_dir()).get(DEFAULT_MODEL)
+        if manifest is None:
+            raise SystemExit(f"no model at {model_manifest().parent}: run 'make model' first")
+        backend = load_local(model_manifest().parent, manifest, threads=None)
+        self.results["meta"]["model"] = {
+            "name": DEFAULT_MODEL,
+            "max_tokens": backend.max_tokens,
+            "dimension": backend.dimension,
+        }
+        config = self.config
+        try:
+            for name, texts in texts_by_name.items():
+                tokens = backend.count_tokens(texts)
+                self.results["corpora"][name].update(describe(texts, tokens, backend.max_tokens))
+                self.log(f"in process, {name}: {len(texts)} texts")
+                busy0, own0, wall0 = machine_busy_s(), own_cpu_s(), time.perf_counter()
+                plans = inprocess.measure_plans(
+                    backend,
+                    texts,
+                    tokens,
+                    fixed_sizes=config.fixed_sizes,
+                    budgets=config.budgets,
+                    passes=config.inprocess_passes,
+                    fixed_max_s=config.fixed_max_s,
+                    budget_max_s=config.budget_max_s,
+                )
+                lone = texts[: config.lone_requests]
+                single_p50 = inprocess.single_call_p50_ms(backend, lone)
+                busy1, own1 = machine_busy_s(), own_cpu_s()
+                self.results["inprocess"][name] = {
+                    "plans": [plan.as_dict() for plan in plans],
+                    "single_call_p50_ms": single_p50,
+                    "single_call_texts": len(lone),
+                    "wall_s": time.perf_counter() - wall0,
+                    "own_cpu_s": own1 - own0,
+                    "other_cpu_s": other_cpu_s(
+                        None if busy0 is None or busy1 is None else busy1 - busy0, own1 - own0
+                    ),
+                }
+                best = max(plans, key=lambda plan: plan.texts_per_s)
+                self.log(f"  ceiling {best.texts_per_s:.1f} texts/s ({best.label})")
+                self.save()
+        finally:
+            backend.close()
+
+    def server_runs(self) -> None:
+        """Every repeat: a batching server and a batching-off server, in alternating order."""
+        base = dict(self.config.server_env)
+        modes = {"batching": base, "no-batching": {**base, "ENABLE_BATCHING": "false"}}
+        for repeat in range(1, self.config.repeats + 1):
+            order = list(modes) if repeat % 2 else list(reversed(modes))
+            for mode in order:
+                self._one_server(mode, modes[mode], repeat)
+
+    def _one_server(self, mode: str, env: dict[str, str], repeat: int) -> None:
+        from bench.loadgen import run_load
+        from bench.server import load_spec, measure
+        from tests.serverutil import running_server
+
+        config = self.config
+        with running_server(env, log_dir=self.work / "logs") as server:
+            for corpus, path in self.texts_paths.items():
+                if config.warmup_s > 0:
+                    run_load(load_spec(server, path, 64, duration_s=config.warmup_s))
+                levels: list[tuple[str, int]] = [("embed", c) for c in config.levels]
+                if mode == "batching":
+                    levels += [("batch", c) for c in config.batch_levels]
+                for endpoint, clients in levels:
+                    if endpoint == "batch":
+                        spec = load_spec(
+                            server,
+                            path,
+                            clients,
+                            duration_s=config.duration_s * 0.8,
+                            endpoint="batch",
+                            group=config.batch_group,
+                        )
+                    elif clients == 1:
+                        spec = load_spec(server, path, 1, max_requests=config.lone_requests)
+                    else:
+                        spec = load_spec(
+                            server, path, clients, duration_s=config.duration_for(clients)
+                        )
+                    result = measure(server, spec)
+                    label = "batch-endpoint" if endpoint == "batch" else mode
+                    result.update({"corpus": corpus, "mode": label, "repeat": repeat})
+                    self.results["server"].append(result)
+                    self.save()
+                    self.log(
+                        f"{label:>14} {corpus:>5} c={clients:<3} r{repeat}: "
+                        f"{result['embeddings_per_s']:7.1f}/s p50 {result['p50_ms']:6.1f} "
+                        f"p99 {result['p99_ms']:6.1f} ms batch {result['mean_batch']:.2f} "
+                        f"errors {result['errors']}" + busy_note(result)
+                    )
+
+    def soak(self) -> None:
+        """RSS over time under `soak_clients` clients on the first corpus, batching on."""
+        from bench.loadgen import run_load
+        from bench.server import load_spec, soak
+        from tests.serverutil import running_server
+
+        config = self.config
+        if config.soak_s <= 0:
+            return
+        corpus = config.corpora[0]
+        path = self.texts_paths[corpus]
+        with running_server(dict(config.server_env), log_dir=self.work / "logs") as server:
+            if config.warmup_s > 0:
+                run_load(load_spec(server, path, config.soak_clients, duration_s=config.warmup_s))
+            self.log(f"soak: {config.soak_clients} clients, {corpus}, {config.soak_s:g} s")
+            result = soak(server, path, config.soak_clients, config.soak_s, config.soak_interval_s)
+        result["corpus"] = corpus
+        self.results["soak"] = result
+        self.log(
+            f"soak: RSS {result['start_mb']:.0f} -> {result['end_mb']:.0f} MiB "
+            f"(max {result['max_mb']:.0f}, {result['growth_pct']:+.1f}%), errors {result['errors']}"
+        )
+        self.save()
+
+    def finish(self) -> None:
+        self.results["meta"]["machine"]["loadavg_end"] = list(os.getloadavg())
+        self.save()
+
+
+def write_outputs(
+    results: dict[str, Any], out: Path, plot: bool, log: Callable[[str], None]
+) -> None:
+    """BENCHMARKS.md (and benchmarks.png unless `plot` is off) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    plot_name: str | None = None
+    if plot:
+        from bench.plot import render
+
+        render(results, out / "benchmarks.png")
+        plot_name = "benchmarks.png"
+    (out / "BENCHMARKS.md").write_text(report.render(results, plot_name))
+    log(f"wrote {out / 'BENCHMARKS.md'}" + (f" and {out / plot_name}" if plot_name else ""))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the whole suite, then write the report; the summary goes to stdout."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config, args = parse_args(argv, dict(os.environ))
+    work = args.work.resolve()
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    for old_log in (work / "logs").glob("server-*.log"):  # from an earlier run
+        old_log.unlink()
+    shown = list(argv)
+    if "--invoked-as" in shown:  # the make target's own marker, not a setting of the run
+        at = shown.index("--invoked-as")
+        del shown[at : at + 2]
+    bench_env = " ".join(
+        f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith("BENCH_")
+    )
+    python_command = shlex.join([".venv/bin/python", "-m", "bench", *shown])
+    command = " ".join(part for part in (bench_env, args.invoked_as or python_command) if part)
+    run = Run(config, work, command)
+    run.results["meta"]["python_command"] = python_command if args.invoked_as else None
+    run.log(f"benchmark ({'quick' if config.quick else 'full'}); results in {run.results_path}")
+    busy = run.results["meta"]["machine"]["busy_cores_start"]
+    if busy is not None and busy > 0.2:
+        run.log(f"warning: other processes keep {busy:.2f} cores busy; figures will be low")
+    texts_by_name = run.corpora()
+    run.in_process(texts_by_name)
+    run.server_runs()
+    run.soak()
+    run.finish()
+    write_outputs(run.results, args.out, config.plot, run.log)
+    print(report.summary(run.results))
+    return 0

@@ -1,0 +1,185 @@
+"""API keys: ``Authorization: Bearer <key>`` on every endpoint but liveness, readiness, preflight.
+
+Keys come from API_KEYS and API_KEYS_FILE; with none, authentication is off. The middleware
+keeps only keyed digests of the keys, compares the presented key against every one of them
+with `hmac.compare_digest` (no early exit, so timing does not tell which key matched or how
+much of one), and never puts a key into a response or a log line. An accepted request
+carries ``scope[API_KEY_ID]``, a digest of its key, for the rate limiter to key buckets by.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from embedserve.responses import error_response
+
+if TYPE_CHECKING:
+    from embedserve.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ID = "embedserve.api_key_id"
+EXEMPT_PATHS = frozenset({"/health", "/ready"})
+MIN_KEY_LENGTH = 16
+REALM = 'Bearer realm="embedserve"'
+
+
+def check_api_key(key: str) -> None:
+    """Raise ValueError (never quoting the key) unless `key` can be sent as a Bearer token."""
+    if len(key) < MIN_KEY_LENGTH:
+        raise ValueError(f"an API key is shorter than {MIN_KEY_LENGTH} characters")
+    if not all("!" <= ch <= "~" for ch in key) or "," in key:
+        raise ValueError("an API key holds a space, comma or non-ASCII character")
+
+
+def read_api_keys_file(path: Path) -> list[str]:
+    """The keys in `path`: one a line, blank lines and ``#`` comments skipped. Raises ValueError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read the API keys file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError("the API keys file is not UTF-8 text") from None
+    keys = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        try:
+            check_api_key(key)
+        except ValueError as exc:
+            raise ValueError(f"line {number}: {exc}") from None
+        keys.append(key)
+    if not keys:
+        raise ValueError("the API keys file holds no keys (authentication would be off)")
+    return keys
+
+
+def load_api_keys(settings: Settings) -> list[str]:
+    """Every configured key: API_KEYS, then API_KEYS_FILE. Empty means authentication is off."""
+    keys = [secret.get_secret_value() for secret in settings.api_keys]
+    if settings.api_keys_file is not None:
+        keys += read_api_keys_file(settings.api_keys_file)
+    return keys
+
+
+class ApiKeyAuth:
+    """Answer 401 unless the request carries a configured key; owns the keys' digests.
+
+    Exempt: ``/health`` and ``/ready`` (probes carry no credentials) and CORS preflights
+    (browsers never send credentials on them). Nothing is read from the body before the check.
+    """
+
+    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+        if not keys:
+            raise ValueError("ApiKeyAuth needs at least one key")
+        self.app = app
+        # Digests with a per-process secret: all the same length for compare_digest, and
+        # not a plain hash that a dump of the bucket table could be checked against.
+        self._secret = secrets.token_bytes(32)
+        self._digests = tuple(self._digest(key.encode()) for key in keys)
+
+    def _digest(self, key: bytes) -> bytes:
+        return hmac.new(self._secret, key, hashlib.sha256).digest()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS or _is_preflight(scope):
+            await self.app(scope, receive, send)
+            return
+        presented = _bearer_token(scope)
+        if presented is None or presented == b"":
+            await self._refuse(scope, receive, send, presented)
+            return
+        digest = self._digest(presented)
+        matched = False
+        for known in self._digests:
+            matched |= hmac.compare_digest(digest, known)
+        if not matched:
+            await self._refuse(scope, receive, send, presented)
+            return
+        scope[API_KEY_ID] = digest.hex()
+        await self.app(scope, receive, send)
+
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, token: bytes | None
+    ) -> None:
+        if token is None:
+            message = "missing API key: send the header 'Authorization: Bearer <key>'"
+            if _header(scope, b"x-api-key") is not None:
+                message += " (X-API-Key is not accepted)"
+            error_type, challenge = "missing_api_key", REALM
+        elif token == b"":
+            message = "malformed Authorization header: expected 'Bearer <key>'"
+            error_type, challenge = "missing_api_key", REALM
+        else:
+            message = "invalid API key"
+            error_type, challenge = "invalid_api_key", f'{REALM}, error="invalid_token"'
+        response = error_response(
+            401, message, error_type, {"WWW-Authenticate": challenge}, path=scope["path"]
+        )
+        await response(scope, receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def _bearer_token(scope: Scope) -> bytes | None:
+    """The Bearer token; None without an Authorization header, b"" when it is malformed."""
+    values = [value for key, value in scope.get("headers", []) if key == b"authorization"]
+    if not values:
+        return None
+    if len(values) > 1:
+        return b""  # ambiguous: a proxy and the app could each read a different one
+    scheme, _, token = bytes(values[0]).strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or b" " in token:
+        return b""
+    return token
+
+
+def _is_preflight(scope: Scope) -> bool:
+    """A CORS preflight, as browsers send it and as Starlette's CORSMiddleware detects it."""
+    return (
+        scope["method"] == "OPTIONS"
+        and _header(scope, b"origin") is not None
+        and _header(scope, b"access-control-request-method") is not None
+    )
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """The start-up warning for a server reachable beyond this machine with no API keys."""
+    if settings.api_keys or settings.api_keys_file is not None or _is_loopback(settings.host):
+        return None
+    return (
+        f"listening on {settings.host} with no API keys: anyone who can reach this port can "
+        "use it; set API_KEYS or API_KEYS_FILE, or HOST=127.0.0.1"
+    )
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """Log `exposure_warning` once as a WARNING, if there is one."""
+    warning = exposure_warning(settings)
+    if warning is not None:
+        logger.warning(warning)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
