@@ -7,7 +7,10 @@ an API key in a URL or a text sent for embedding never reaches a log.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import logging.handlers
+import queue
 import re
 import sys
 import time
@@ -48,12 +51,50 @@ _MAX_LOGGED_CHARS = 200
 
 
 def configure_logging(
-    level: str, log_format: LogFormat = "text", stream: TextIO | None = None
+    level: str,
+    log_format: LogFormat = "text",
+    stream: TextIO | None = None,
+    *,
+    background: bool = False,
 ) -> None:
-    """Send every log record (uvicorn's too) to `stream` (stderr) as text or JSON lines."""
+    """Send every log record (uvicorn's too) to `stream` (stderr) as text or JSON lines.
+
+    With `background`, records are formatted and written by a listener thread, so a busy
+    event loop only queues them (one write syscall per request line was ~10% of the event
+    loop's time under load); call `stop_background_logging` before the process exits.
+    """
+    global _listener
+    stop_background_logging()
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    root_handler: logging.Handler = handler
+    if background:
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        _listener = logging.handlers.QueueListener(records, handler)
+        _listener.start()
+        atexit.register(stop_background_logging)
+        root_handler = _PassThroughQueueHandler(records)
+    logging.basicConfig(level=level, handlers=[root_handler], force=True)
+
+
+def stop_background_logging() -> None:
+    """Write out every queued record and stop the listener thread (idempotent)."""
+    global _listener
+    listener, _listener = _listener, None
+    if listener is not None:
+        listener.stop()
+        # Anything logged from now on goes straight to the stream.
+        logging.basicConfig(level=logging.root.level, handlers=list(listener.handlers), force=True)
+
+
+class _PassThroughQueueHandler(logging.handlers.QueueHandler):
+    """Queues records as they are; the listener's formatter does all the formatting."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+_listener: logging.handlers.QueueListener | None = None
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from embedserve.app import create_app
 from embedserve.auth import warn_if_exposed
 from embedserve.backend import route_library_logs
 from embedserve.logs import configure_logging as configure_log_output
+from embedserve.logs import stop_background_logging
 from embedserve.registry import ModelRegistry
 from embedserve.settings import Settings
 
@@ -38,7 +39,12 @@ class _Server(uvicorn.Server):
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+        try:
+            await super().serve(sockets)
+        finally:
+            # uvicorn re-raises a caught SIGTERM right after this returns, which ends the
+            # process without running atexit handlers: flush the log queue now.
+            stop_background_logging()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs as a signal handler: only set flags here, and schedule the rest on the loop.
@@ -78,7 +84,7 @@ class _OneLineStartupFailure:
 def configure_logging(settings: Settings) -> None:
     """One-line logs (LOG_FORMAT: text or JSON) at LOG_LEVEL (DEBUG when DEBUG=true)."""
     level = "DEBUG" if settings.debug else settings.log_level
-    configure_log_output(level, settings.log_format)
+    configure_log_output(level, settings.log_format, background=True)
     route_library_logs()
 
 

@@ -14,7 +14,13 @@ import httpx
 import pytest
 from starlette.types import Message
 
-from embedserve.logs import TEXT_FORMAT, JsonFormatter, TextFormatter, configure_logging
+from embedserve.logs import (
+    TEXT_FORMAT,
+    JsonFormatter,
+    TextFormatter,
+    configure_logging,
+    stop_background_logging,
+)
 from tests.conftest import Api, Serve
 
 pytestmark = pytest.mark.anyio
@@ -289,3 +295,20 @@ def test_text_format_is_one_line_with_fields() -> None:
     lines = stream.getvalue().splitlines()
     assert lines[0].endswith(" INFO uvicorn.error: Started server process")
     assert lines[1].endswith(" WARNING embedserve.test: slow model=fake/a")
+
+
+def test_background_logging_writes_everything_by_the_time_it_stops() -> None:
+    stream = io.StringIO()
+    saved_handlers, saved_level = logging.root.handlers[:], logging.root.level
+    configure_logging("INFO", "json", stream, background=True)
+    try:
+        for index in range(50):
+            logging.getLogger("embedserve.test").info("line %d", index, extra={"n": index})
+    finally:
+        stop_background_logging()
+        logging.getLogger("embedserve.test").info("after the stop")
+        logging.root.handlers[:] = saved_handlers
+        logging.root.setLevel(saved_level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["n"] for line in lines[:50]] == list(range(50))
+    assert lines[-1]["message"] == "after the stop"
