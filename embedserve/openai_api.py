@@ -1,6 +1,6 @@
 """OpenAI-compatible endpoints: ``POST /v1/embeddings``, ``GET /v1/models[/{model}]``.
 
-Embeddings go through the same path as ``/embed/batch`` (`routes._run`: the model's
+Embeddings go through the same path as ``/embed/batch`` (`handling.run_embed`: the model's
 micro-batcher, the arrival stamp, disconnect handling) and the same text checks. Errors are
 the typed errors of `embedserve.errors`; the app renders them in OpenAI's shape under
 ``/v1/``. Validation errors are 400 here (not 422), because OpenAI's clients expect that.
@@ -28,9 +28,9 @@ from embedserve.errors import (
     ModelUnavailable,
     ValidationFailed,
 )
+from embedserve.handling import ClientGone, json_body, run_embed, state, timing_headers
 from embedserve.registry import ModelRegistry
 from embedserve.responses import JSONResponse
-from embedserve.routes import ClientGone, _json_body, _run, _state, _timing_headers
 from embedserve.schemas import check_texts, validate
 
 TOKEN_IDS_REFUSED = (
@@ -68,9 +68,9 @@ class EmbeddingsRequest(BaseModel):
 
 async def create_embeddings(request: Request) -> Response:
     """``POST /v1/embeddings``: OpenAI's embeddings request and response."""
-    settings, registry, stats = _state(request)
+    settings, registry, stats = state(request)
     stats.total_requests += 1
-    body = _parse(await _json_body(request))
+    body = _parse(await json_body(request))
     texts = _texts(body.input, settings.max_batch_size)
     try:
         texts = check_texts(
@@ -85,7 +85,7 @@ async def create_embeddings(request: Request) -> Response:
             _check_dimensions(body.model, body.dimensions, native)
     try:
         with _about_model():
-            result, _ = await _run(request, body.model, texts)
+            result, _ = await run_embed(request, body.model, texts)
     except ClientGone:
         return Response(status_code=499)
     vectors = result.vectors
@@ -107,12 +107,12 @@ async def create_embeddings(request: Request) -> Response:
         "model": body.model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
-    return JSONResponse(content, headers=_timing_headers(result))
+    return JSONResponse(content, headers=timing_headers(result))
 
 
 async def list_models(request: Request) -> Response:
     """``GET /v1/models``: required, loaded, imported and allowed models that would be served."""
-    settings, registry, _ = _state(request)
+    settings, registry, _ = state(request)
     loaded = {info.name: info for info in registry.loaded()}
     imported = [manifest.name for manifest in registry.store.list()]
     names = dict.fromkeys([*registry.required, *loaded, *imported, *settings.allowed_models])
@@ -122,7 +122,7 @@ async def list_models(request: Request) -> Response:
 
 async def retrieve_model(request: Request) -> Response:
     """``GET /v1/models/{model}``: one model; 404 when unknown or not allowed."""
-    _, registry, _ = _state(request)
+    _, registry, _ = state(request)
     name = request.path_params["model_name"]
     card = None
     with contextlib.suppress(InvalidModelName, ModelNotAllowed, ModelNotFound):

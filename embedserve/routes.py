@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from embedserve.batcher import EmbedResult
 from embedserve.errors import (
     InvalidModelName,
     ModelNotAllowed,
     ModelNotFound,
-    UnsupportedMediaType,
     ValidationFailed,
 )
-from embedserve.logs import MODEL_KEY, TEXTS_KEY
+from embedserve.handling import ClientGone, json_body, run_embed, state, timing_headers
 from embedserve.prometheus import prometheus_answer
 from embedserve.registry import ModelRegistry
 from embedserve.responses import JSONResponse, error_response
@@ -28,24 +23,16 @@ from embedserve.schemas import (
     BatchEmbedRequest,
     EmbedRequest,
     check_texts,
-    parse_json,
     validate,
 )
 from embedserve.settings import Settings
-from embedserve.stats import AppStats
-
-T = TypeVar("T")
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
 
 
 def routes() -> list[BaseRoute]:
     """Every route of the API."""
     from embedserve.docs import docs_routes
-    from embedserve.openai_api import openai_routes  # here: openai_api imports this module
-    from embedserve.openapi import openapi_json  # here: it imports openai_api
+    from embedserve.openai_api import openai_routes
+    from embedserve.openapi import openapi_json  # here: it imports this module's handlers
 
     return [
         Route("/embed", embed, methods=["POST"]),
@@ -61,43 +48,6 @@ def routes() -> list[BaseRoute]:
     ]
 
 
-def _state(request: Request) -> tuple[Settings, ModelRegistry, AppStats]:
-    state = request.app.state
-    return state.settings, state.registry, state.stats
-
-
-async def _json_body(request: Request) -> Any:
-    content_type = request.headers.get("content-type")
-    if content_type is not None:
-        media_type = content_type.split(";", 1)[0].strip().lower()
-        if media_type != "application/json" and not media_type.endswith("+json"):
-            raise UnsupportedMediaType(
-                f"content type {media_type or '(empty)'} is not supported; send application/json"
-            )
-    return parse_json(await request.body())
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (so its queued texts are dropped) if the client leaves."""
-    task = asyncio.ensure_future(work)
-
-    async def wait_disconnect() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(wait_disconnect())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})  # let the cancellation land: its texts leave the queue
-    if task.cancelled():
-        raise ClientGone()
-    return task.result()
-
-
 def _model_name(settings: Settings, requested: str | None) -> str:
     name = requested if requested is not None else settings.default_model
     if name is None:
@@ -105,40 +55,17 @@ def _model_name(settings: Settings, requested: str | None) -> str:
     return name
 
 
-async def _run(request: Request, model: str, texts: list[str]) -> tuple[EmbedResult, float]:
-    _, registry, stats = _state(request)
-    request.scope[MODEL_KEY] = model  # for the access log line
-    request.scope[TEXTS_KEY] = len(texts)
-    started = time.perf_counter()
-    try:
-        arrived_at = request.scope.get("embedserve.arrived_at")
-        work = registry.embed(model, texts, arrived_at=arrived_at)
-        result = await _unless_disconnected(request, work)
-    except ClientGone:
-        stats.errors["client_disconnected"] += 1
-        raise
-    stats.total_embeddings += len(texts)
-    return result, (time.perf_counter() - started) * 1000
-
-
-def _timing_headers(result: EmbedResult) -> dict[str, str]:
-    return {
-        "X-Queue-Time": f"{result.queue_ms:.3f}",
-        "X-Inference-Time": f"{result.inference_ms:.3f}",
-    }
-
-
 async def embed(request: Request) -> Response:
     """``POST /embed``: one text -> one embedding."""
-    settings, _, stats = _state(request)
+    settings, _, stats = state(request)
     stats.total_requests += 1
-    body = validate(EmbedRequest, await _json_body(request))
+    body = validate(EmbedRequest, await json_body(request))
     model = _model_name(settings, body.model_name)
     [text] = check_texts(
         [body.text], max_length=settings.max_text_length, truncate=body.truncate, field="text"
     )
     try:
-        result, elapsed_ms = await _run(request, model, [text])
+        result, elapsed_ms = await run_embed(request, model, [text])
     except ClientGone:
         return Response(status_code=499)
     content: dict[str, Any] = {
@@ -150,14 +77,14 @@ async def embed(request: Request) -> Response:
     }
     if len(text) != len(body.text):
         content["truncated"] = True
-    return JSONResponse(content, headers=_timing_headers(result))
+    return JSONResponse(content, headers=timing_headers(result))
 
 
 async def embed_batch(request: Request) -> Response:
     """``POST /embed/batch``: texts -> embeddings in the same order."""
-    settings, _, stats = _state(request)
+    settings, _, stats = state(request)
     stats.total_requests += 1
-    body = validate(BatchEmbedRequest, await _json_body(request))
+    body = validate(BatchEmbedRequest, await json_body(request))
     if len(body.texts) > settings.max_batch_size:
         raise ValidationFailed(
             f"invalid field 'texts': {len(body.texts)} texts, over the limit of "
@@ -168,7 +95,7 @@ async def embed_batch(request: Request) -> Response:
         body.texts, max_length=settings.max_text_length, truncate=body.truncate, field="texts"
     )
     try:
-        result, elapsed_ms = await _run(request, model, texts)
+        result, elapsed_ms = await run_embed(request, model, texts)
     except ClientGone:
         return Response(status_code=499)
     content = {
@@ -178,7 +105,7 @@ async def embed_batch(request: Request) -> Response:
         "count": len(texts),
         "processing_time_ms": round(elapsed_ms, 3),
     }
-    return JSONResponse(content, headers=_timing_headers(result))
+    return JSONResponse(content, headers=timing_headers(result))
 
 
 def _cache_info(settings: Settings, registry: ModelRegistry) -> dict[str, Any]:
@@ -193,7 +120,7 @@ def _cache_info(settings: Settings, registry: ModelRegistry) -> dict[str, Any]:
 
 async def health(request: Request) -> Response:
     """``GET /health``: 200 "healthy" only when required models are loaded and not draining."""
-    settings, registry, stats = _state(request)
+    settings, registry, stats = state(request)
     if registry.ready:
         status, code = "healthy", 200
     elif registry.closing:
@@ -210,7 +137,7 @@ async def health(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     """``GET /ready``: readiness for load balancers and Kubernetes."""
-    _, registry, _ = _state(request)
+    _, registry, _ = state(request)
     if registry.ready:
         return JSONResponse({"status": "ready"})
     missing = [name for name in registry.required if name not in registry.loaded_names()]
@@ -224,7 +151,7 @@ async def metrics(request: Request) -> Response:
     """``GET /metrics``: request totals plus per-model batching figures (JSON), or the
     Prometheus exposition when the scraper asks for it (see `prometheus.prometheus_answer`).
     """
-    settings, registry, stats = _state(request)
+    settings, registry, stats = state(request)
     if not settings.enable_metrics:
         return error_response(404, "metrics are disabled (ENABLE_METRICS=false)", "not_found")
     exposition = prometheus_answer(request)
@@ -266,7 +193,7 @@ async def metrics(request: Request) -> Response:
 
 async def list_models(request: Request) -> Response:
     """``GET /models``: required, loaded and allowed models."""
-    settings, registry, _ = _state(request)
+    settings, registry, _ = state(request)
     return JSONResponse(
         {
             "required_models": settings.required_models,
@@ -279,7 +206,7 @@ async def list_models(request: Request) -> Response:
 
 async def show_model(request: Request) -> Response:
     """``GET /models/{model_name}``: facts about one model; 404 if unknown or not allowed."""
-    _, registry, _ = _state(request)
+    _, registry, _ = state(request)
     name = request.path_params["model_name"]
     try:
         info = registry.describe(name)
