@@ -548,8 +548,16 @@ async def test_cors_preflight_allows_only_configured_origins(serve: Serve) -> No
     assert "x-queue-time" in simple.headers["access-control-expose-headers"].lower()
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/embed", {"text": "leaving"}),
+        ("/embed/batch", {"texts": ["leaving"]}),
+        ("/v1/embeddings", {"model": "fake/a", "input": "leaving"}),
+    ],
+)
 async def test_client_that_disconnects_while_queued_is_dropped_before_inference(
-    serve: Serve,
+    serve: Serve, path: str, body: dict[str, Any]
 ) -> None:
     gate = GatedRunner(open_=True)
     with anyio.fail_after(10):
@@ -562,7 +570,7 @@ async def test_client_that_disconnects_while_queued_is_dropped_before_inference(
             async def receive() -> Message:
                 if not held.is_set():
                     held.set()
-                    return {"type": "http.request", "body": b'{"text": "leaving"}'}
+                    return {"type": "http.request", "body": orjson.dumps(body)}
                 await leave.wait()
                 return {"type": "http.disconnect"}
 
@@ -571,7 +579,7 @@ async def test_client_that_disconnects_while_queued_is_dropped_before_inference(
 
             scope = {
                 "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                "method": "POST", "path": "/embed", "raw_path": b"/embed", "query_string": b"",
+                "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
                 "headers": [(b"content-type", b"application/json")], "scheme": "http",
                 "server": ("test", 80), "client": ("127.0.0.1", 1234), "root_path": "",
                 "app": api.app,

@@ -11,11 +11,10 @@ import anyio.lowlevel
 import httpx
 import numpy as np
 import pytest
-from starlette.types import Message
 
 from embedserve.store import Manifest, ModelStore
 from tests.conftest import Api, Serve
-from tests.fakes import DIM, GatedRunner, fake_vector
+from tests.fakes import DIM, fake_vector
 
 pytestmark = pytest.mark.anyio
 
@@ -321,51 +320,6 @@ async def test_wrong_method_and_unknown_route_are_in_openais_shape(api: Api) -> 
         unknown = await api.client.get("/v1/nope")
     assert_openai_error(wrong_method, 405, "method_not_allowed")
     assert_openai_error(unknown, 404, "not_found")
-
-
-async def test_client_that_disconnects_while_queued_is_dropped_before_inference(
-    serve: Serve,
-) -> None:
-    gate = GatedRunner(open_=True)
-    with anyio.fail_after(10):
-        async with serve(run_sync=gate) as api:
-            gate.open = False
-            held = anyio.Event()
-            leave = anyio.Event()
-            sent: list[Message] = []
-
-            async def receive() -> Message:
-                if not held.is_set():
-                    held.set()
-                    return {"type": "http.request", "body": b'{"model":"fake/a","input":"gone"}'}
-                await leave.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message: Message) -> None:
-                sent.append(message)
-
-            scope = {
-                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                "method": "POST", "path": "/v1/embeddings", "raw_path": b"/v1/embeddings",
-                "query_string": b"", "headers": [(b"content-type", b"application/json")],
-                "scheme": "http", "server": ("test", 80), "client": ("127.0.0.1", 1234),
-                "root_path": "", "app": api.app,
-            }  # fmt: skip
-
-            async def busy() -> None:
-                await api.client.post("/v1/embeddings", json={"model": "fake/a", "input": "busy"})
-
-            async with anyio.create_task_group() as group:
-                group.start_soon(busy)
-                await gate.wait_for_waiting(1)
-                group.start_soon(api.app, scope, receive, send)
-                await wait_until_queued(api, 1)
-                leave.set()
-                await wait_until_queued(api, 0)
-                gate.open = True
-                gate.release()
-    assert ["gone"] not in api.loader.backends["fake/a"].batches
-    assert sent[0]["status"] == 499
 
 
 # -- GET /v1/models --------------------------------------------------------------------
