@@ -41,14 +41,26 @@ $(CHROMIUM):
 		|| echo "make: could not install chromium; tests/test_docs_browser.py will skip"; \
 	else echo "make: no chromium and no apt-get as root; tests/test_docs_browser.py will skip"; fi
 
-test: $(VENV)/.installed $(MODEL_STAMP) | $(CHROMIUM)
+# Debian's nginx, for tests/test_nginx_failover.py and the `nginx -t` in tests/test_compose.py:
+# installed like chromium above; without it those tests skip.
+NGINX := /usr/sbin/nginx
+
+$(NGINX):
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" -eq 0 ]; then \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			-o DPkg::Lock::Timeout=300 nginx >/dev/null; } \
+		|| echo "make: could not install nginx; the nginx tests will skip"; \
+	else echo "make: no nginx and no apt-get as root; the nginx tests will skip"; fi
+
+test: $(VENV)/.installed $(MODEL_STAMP) | $(CHROMIUM) $(NGINX)
 	EMBEDSERVE_REQUIRE_MODEL=1 MODELS_DIR=$(MODELS_DIR) $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check embedserve tests scripts bench loadtests
-	$(BIN)/ruff format --check embedserve tests scripts bench loadtests
+	$(BIN)/ruff check embedserve tests scripts bench loadtests examples
+	$(BIN)/ruff format --check embedserve tests scripts bench loadtests examples
 	$(BIN)/mypy
 	$(BIN)/mypy --follow-imports=silent bench
+	$(BIN)/hadolint Dockerfile
 
 # The benchmark suite: in-process ceiling, the real server with batching on and off, the
 # soak; writes docs/BENCHMARKS.md and docs/benchmarks.png (about 20-25 minutes on 2 cores;

@@ -1,0 +1,1 @@
+"""Runnable examples built on embedserve's HTTP API (not part of the installed package)."""
