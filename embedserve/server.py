@@ -37,13 +37,15 @@ class _Server(uvicorn.Server):
         self._grace_s = grace_s
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+    async def _serve(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn's `serve` wraps this in its signal capture and re-raises a caught SIGTERM
+        # as soon as this returns, which ends the process at once (no atexit handlers): so
+        # the log queue is flushed here, inside, not after `serve`. `_serve` is uvicorn's
+        # own (0.29+) split; tests/test_server_integration.py checks the last log line.
         self._loop = asyncio.get_running_loop()
         try:
-            await super().serve(sockets)
+            await super()._serve(sockets)
         finally:
-            # uvicorn re-raises a caught SIGTERM right after this returns, which ends the
-            # process without running atexit handlers: flush the log queue now.
             stop_background_logging()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:

@@ -259,6 +259,8 @@ async def test_sigterm_answers_every_request_sent_before_it(
     # uvicorn re-raises the signal after its graceful shutdown, so -SIGTERM is a clean exit.
     assert status in (0, -signal.SIGTERM), report
     assert "models released" in server.log(), server.log(4000)
+    # The last line: written by the log thread before uvicorn re-raises the signal.
+    assert "Finished server process" in server.log(), server.log(4000)
     assert unanswered > 0, f"all answered before the signal; the test proves nothing: {report}"
     # Both: a request the server received before the signal is served, not refused.
     assert all(o.status == 200 for o in early), report
