@@ -30,27 +30,26 @@ $(MODEL_STAMP): | $(VENV)/.installed
 run: $(VENV)/.installed $(MODEL_STAMP)
 	MODELS_DIR=$(MODELS_DIR) exec $(BIN)/embedserve serve
 
-# Debian's chromium, for tests/test_docs_browser.py: installed when missing if apt-get is
-# there and we are root. If it cannot be installed that one test skips; the run goes on.
-CHROMIUM := /usr/bin/chromium
-
-$(CHROMIUM):
+# Debian packages some tests need (chromium for tests/test_docs_browser.py; nginx for
+# tests/test_nginx_failover.py and the `nginx -t` in tests/test_compose.py), installed when
+# missing if apt-get is there and we are root. Without them those tests skip; the run goes on.
+# $(call apt_install,PACKAGE)
+define apt_install
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" -eq 0 ]; then \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			-o DPkg::Lock::Timeout=300 chromium >/dev/null; } \
-		|| echo "make: could not install chromium; tests/test_docs_browser.py will skip"; \
-	else echo "make: no chromium and no apt-get as root; tests/test_docs_browser.py will skip"; fi
+			-o DPkg::Lock::Timeout=300 $(1) >/dev/null; } \
+		|| echo "make: could not install $(1); the tests that need it will skip"; \
+	else echo "make: no $(1) and no apt-get as root; the tests that need it will skip"; fi
+endef
 
-# Debian's nginx, for tests/test_nginx_failover.py and the `nginx -t` in tests/test_compose.py:
-# installed like chromium above; without it those tests skip.
+CHROMIUM := /usr/bin/chromium
 NGINX := /usr/sbin/nginx
 
+$(CHROMIUM):
+	$(call apt_install,chromium)
+
 $(NGINX):
-	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" -eq 0 ]; then \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			-o DPkg::Lock::Timeout=300 nginx >/dev/null; } \
-		|| echo "make: could not install nginx; the nginx tests will skip"; \
-	else echo "make: no nginx and no apt-get as root; the nginx tests will skip"; fi
+	$(call apt_install,nginx)
 
 test: $(VENV)/.installed $(MODEL_STAMP) | $(CHROMIUM) $(NGINX)
 	EMBEDSERVE_REQUIRE_MODEL=1 MODELS_DIR=$(MODELS_DIR) $(BIN)/pytest $(PYTEST_ARGS)

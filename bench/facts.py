@@ -56,16 +56,8 @@ def mem_total_mb() -> float | None:
 def git_state() -> str:
     """Commit and whether the work tree differs from it."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty= (with uncommitted changes)"],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -74,7 +66,6 @@ def git_state() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return f"{commit} (with uncommitted changes)" if dirty else commit
 
 
 def busy_cores(seconds: float = 1.0) -> float | None:

@@ -310,7 +310,7 @@ class MicroBatcher:
         elapsed = self._clock() - started
         self._record(batch, texts, elapsed)
         for item in batch:
-            self._deliver(item, vectors[rows[item.text]], seq, elapsed, started)
+            self._deliver(item, vectors[rows[item.text]], seq, elapsed)
 
     def _fail(self, batch: list[_Item], error: Exception) -> None:
         for item in batch:
@@ -319,7 +319,7 @@ class MicroBatcher:
                 # The request's other texts may still be queued: clean them out too.
                 self._cancelled += 1
 
-    def _deliver(self, item: _Item, row: Vectors, seq: int, elapsed: float, started: float) -> None:
+    def _deliver(self, item: _Item, row: Vectors, seq: int, elapsed: float) -> None:
         request = item.request
         if request.future.done():
             return
@@ -348,7 +348,10 @@ class MicroBatcher:
         self.stats.padded_tokens += len(texts) * longest
         self.stats.inference_s += elapsed
         if self._on_batch is not None:
-            self._on_batch(len(batch), len(texts) * longest, elapsed)
+            try:
+                self._on_batch(len(batch), len(texts) * longest, elapsed)
+            except Exception:  # an observer's fault must not end the loop and strand callers
+                logger.exception("on_batch hook failed for model %s", self.backend.name)
 
     def _retry_after_s(self) -> int:
         per_text = self.stats.inference_s / self.stats.texts if self.stats.texts else 0.01

@@ -9,7 +9,6 @@ registry when Prometheus scrapes. All of it runs on the event loop thread.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -26,7 +25,6 @@ if TYPE_CHECKING:
     from embedserve.batcher import EmbedResult
     from embedserve.registry import ModelRegistry
 
-logger = logging.getLogger(__name__)
 
 # Seconds, for a server whose requests take milliseconds (one short text on 2 cores: ~2-5
 # ms) and, under load or for long batches, tens to hundreds of milliseconds.
@@ -145,22 +143,16 @@ class PrometheusMetrics:
 
     def on_batch(self, model: str, texts: int, padded_tokens: int, seconds: float) -> None:
         """One model batch ran (the model's `MicroBatcher` calls this through the registry)."""
-        try:
-            _, _, size, tokens, duration = self._model(model)
-            size.observe(texts)
-            tokens.observe(padded_tokens)
-            duration.observe(seconds)
-        except Exception:  # a metrics fault must never break the batcher's loop
-            logger.exception("recording a batch of model %s failed", model)
+        _, _, size, tokens, duration = self._model(model)
+        size.observe(texts)
+        tokens.observe(padded_tokens)
+        duration.observe(seconds)
 
     def on_result(self, model: str, result: EmbedResult) -> None:
         """One request's texts were embedded (the model registry calls this)."""
-        try:
-            queue, inference, *_ = self._model(model)
-            queue.observe(result.queue_ms / 1000)
-            inference.observe(result.inference_ms / 1000)
-        except Exception:  # nor fail a request that was answered
-            logger.exception("recording a result of model %s failed", model)
+        queue, inference, *_ = self._model(model)
+        queue.observe(result.queue_ms / 1000)
+        inference.observe(result.inference_ms / 1000)
 
     def _model(self, model: str) -> tuple[Histogram, ...]:
         children = self._by_model.get(model)

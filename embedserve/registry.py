@@ -26,6 +26,7 @@ from embedserve.errors import (
     ModelNotAllowed,
     ModelNotFound,
     ModelUnavailable,
+    RequestTimeout,
     ShuttingDown,
 )
 from embedserve.store import ModelSpec, ModelStore, validate_model_name
@@ -137,25 +138,38 @@ class ModelRegistry:
         `arrived_at` (``time.monotonic()`` when the request reached the server) lets a
         request that arrived before shutdown began still be served while draining.
         """
-        async with self.lease(name, arrived_at=arrived_at) as entry:
-            result = await entry.batcher.submit(texts, timeout_s=self._request_timeout_s)
+        loop = asyncio.get_running_loop()
+        timeout_s = self._request_timeout_s
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        async with self.lease(name, arrived_at=arrived_at, deadline=deadline) as entry:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            result = await entry.batcher.submit(texts, timeout_s=remaining)
         if self.observer is not None:
-            self.observer.on_result(name, result)
+            try:
+                self.observer.on_result(name, result)
+            except Exception:  # an observer's fault must not fail a request that was answered
+                logger.exception("on_result hook failed for model %s", name)
         return result
 
     @contextlib.asynccontextmanager
     async def lease(
-        self, name: str, *, arrived_at: float | None = None
+        self, name: str, *, arrived_at: float | None = None, deadline: float | None = None
     ) -> AsyncIterator[ModelEntry]:
-        """Hold model `name` loaded (never evicted or offloaded) for the duration."""
-        entry = await self._acquire(name, arrived_at)
+        """Hold model `name` loaded (never evicted or offloaded) for the duration.
+
+        Waiting for a load ends at `deadline` (event-loop time) with RequestTimeout; the
+        load itself goes on for whoever asks next.
+        """
+        entry = await self._acquire(name, arrived_at, deadline)
         try:
             yield entry
         finally:
             entry.leases -= 1
             self._enforce_capacity()
 
-    async def _acquire(self, name: str, arrived_at: float | None) -> ModelEntry:
+    async def _acquire(
+        self, name: str, arrived_at: float | None, deadline: float | None
+    ) -> ModelEntry:
         """The loaded entry for `name` with one lease taken, sharing one load among callers."""
         if self._closing and (arrived_at is None or arrived_at >= self._shutdown_at):
             raise ShuttingDown()
@@ -173,7 +187,12 @@ class ModelRegistry:
             self._waiters[name] = self._waiters.get(name, 0) + 1
             try:
                 # Shielded: one caller giving up must not cancel the load others wait for.
-                entry = await asyncio.shield(task)
+                async with asyncio.timeout_at(deadline):
+                    entry = await asyncio.shield(task)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"model {name} was not loaded within the request timeout"
+                ) from None
             finally:
                 self._waiters[name] -= 1
                 if not self._waiters[name]:

@@ -23,6 +23,7 @@ from embedserve.errors import (
     ModelNotAllowed,
     ModelNotFound,
     ModelUnavailable,
+    RequestTimeout,
     ShuttingDown,
 )
 from embedserve.registry import ModelRegistry
@@ -254,3 +255,14 @@ async def test_expiry_answers_queued_work_before_the_grace_runs_out(tmp_path, lo
             await queued
         hold.set()
         await running
+
+
+async def test_waiting_for_a_stuck_load_ends_at_the_request_timeout(tmp_path, loader, clock):
+    loader.gates["org/slow"] = gate = threading.Event()
+    async with registry_for(tmp_path, loader, clock, request_timeout_s=0.05) as registry:
+        with pytest.raises(RequestTimeout, match="org/slow"):
+            await registry.embed("org/slow", ["x"])
+        gate.set()  # the load itself went on, and serves the next request
+        result = await registry.embed("org/slow", ["y"])
+        assert result.vectors.shape == (1, 8)
+        assert loader.calls == ["org/slow"]
