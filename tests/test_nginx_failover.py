@@ -142,7 +142,9 @@ async def test_traffic_survives_a_killed_replica(exported_model: Path, tmp_path:
     assert len(out.failures) <= in_flight + 1, (
         f"{len(out.failures)} failed with {in_flight} in flight, e.g. {out.failures[:5]}\n{log}"
     )
-    assert all(f.startswith("502") for f in out.failures), out.failures[:5]
+    # What a request nginx could not re-send looks like: a 502, or an answer cut off
+    # because the replica died after its headers were already passed on.
+    assert all(f.startswith(("502", "RemoteProtocolError")) for f in out.failures), out.failures
     assert after_kill > 0, "no request completed after the kill"
     assert all(count > 0 for count in served_after), f"a survivor idled: {served_after}"
     assert retries > 0 or "connect() failed" in log, "the kill went unnoticed by nginx"
