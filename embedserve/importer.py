@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from embedserve.errors import ImportFailed
-from embedserve.store import Manifest, ModelStore
+from embedserve.store import Manifest, ModelStore, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -212,15 +212,6 @@ def fastembed_parity(
         backend.close()
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_export(staging: Path, name: str, source: str) -> tuple[Manifest, list[str], Vectors]:
     try:
         info = json.loads((staging / "export_info.json").read_text(encoding="utf-8"))
@@ -233,7 +224,7 @@ def _read_export(staging: Path, name: str, source: str) -> tuple[Manifest, list[
             normalize=bool(info["normalize"]),
             max_tokens=int(info["max_tokens"]),
             source=source,
-            onnx_sha256=sha256_file(staging / "model.onnx"),
+            onnx_sha256=file_sha256(staging / "model.onnx"),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -12,9 +12,18 @@ import base64
 import contextlib
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -31,12 +40,16 @@ from embedserve.errors import (
 from embedserve.handling import ClientGone, json_body, run_embed, state, timing_headers
 from embedserve.registry import ModelRegistry
 from embedserve.responses import JSONResponse
-from embedserve.schemas import check_texts, validate
+from embedserve.schemas import TEXT_SCHEMA, ModelName, check_texts, validate
 
 TOKEN_IDS_REFUSED = (
     "invalid field 'input': token-id input (arrays of integers) is not supported, because "
     "token ids are specific to a tokenizer; send the text as a string or an array of strings"
 )
+
+INPUT_SCHEMA: dict[str, Any] = {
+    "anyOf": [TEXT_SCHEMA, {"type": "array", "items": TEXT_SCHEMA, "minItems": 1}]
+}
 
 
 def openai_routes() -> list[BaseRoute]:
@@ -48,19 +61,29 @@ def openai_routes() -> list[BaseRoute]:
     ]
 
 
+def _whole_number(value: Any) -> Any:
+    """8.0 as 8: JSON has one number type, and JSON Schema's "integer" admits 8.0."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class EmbeddingsRequest(BaseModel):
     """``POST /v1/embeddings``, as OpenAI defines it, plus embedserve's ``truncate``."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    # Any: checked by `_texts`, so that token ids get a message of their own.
-    input: Any = Field(description="A string or an array of strings")
-    model: StrictStr = Field(description="Model name (required, as on OpenAI)")
+    # Any: checked by `_texts`, so that token ids get a message of their own; the document
+    # states what `_texts` and `check_texts` accept.
+    input: Annotated[Any, WithJsonSchema(INPUT_SCHEMA)] = Field(
+        description="A string or an array of at most MAX_BATCH_SIZE strings; none blank"
+    )
+    model: ModelName = Field(description="Model name (required, as on OpenAI)")
     encoding_format: Literal["float", "base64"] | None = Field(
         None, description="float (default): lists of floats; base64: little-endian float32"
     )
-    dimensions: StrictInt | None = Field(
-        None, ge=1, description="Must equal the model's dimension (no model here is Matryoshka)"
+    dimensions: Annotated[StrictInt, Field(ge=1), BeforeValidator(_whole_number)] | None = Field(
+        None, description="Must equal the model's dimension (no model here is Matryoshka)"
     )
     user: StrictStr | None = Field(None, description="Accepted and ignored")
     truncate: StrictBool = Field(False, description="Cut texts over MAX_TEXT_LENGTH instead of 400")

@@ -88,8 +88,8 @@ MODEL_NAME = Param(
     "slash may also be sent as %2F, as Swagger UI's Try it out does)."
 )
 METRICS_FORMAT = Param("json or prometheus; without it, `Accept` decides", ("json", "prometheus"))
-EMBED_ERRORS = (400, 403, 404, 413, 415, 422, 429, 500, 503, 504)
-OPENAI_EMBED_ERRORS = (400, 403, 404, 413, 415, 429, 500, 503, 504)
+EMBED_ERRORS = (400, 403, 404, 408, 413, 415, 422, 429, 500, 503, 504)
+OPENAI_EMBED_ERRORS = (400, 403, 404, 408, 413, 415, 429, 500, 503, 504)
 TIMING = ("X-Queue-Time", "X-Inference-Time")
 
 # fmt: off
@@ -137,7 +137,9 @@ ERROR_TEXT: dict[int, str] = {
     401: "No API key, or a wrong one (missing_api_key, invalid_api_key).",
     403: "The model is outside ALLOWED_MODELS (model_not_allowed); nothing was loaded.",
     404: "Not found: no such model (model_not_found), or nothing here (not_found).",
-    413: "The body is over MAX_REQUEST_BYTES (request_too_large).",
+    408: "The body did not arrive within BODY_TIMEOUT_S of the headers (body_timeout); the "
+    "connection is closed.",
+    413: "The body is over MAX_REQUEST_BYTES (request_too_large); the connection is closed.",
     415: "A content type other than JSON (unsupported_media_type).",
     422: "Missing or mistyped fields, blank text, a text over MAX_TEXT_LENGTH, or more than "
     "MAX_BATCH_SIZE texts (validation_error); `details` names every failed field.",
@@ -171,6 +173,7 @@ async def openapi_json(request: Request) -> Response:
 def build_spec(settings: Settings, operations: Sequence[Operation] = OPERATIONS) -> dict[str, Any]:
     """The OpenAPI document for an app with `settings`, one operation per table row."""
     refs, components = _schemas(operations)
+    _apply_limits(components, settings)
     auth_on = bool(settings.api_keys) or settings.api_keys_file is not None
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
@@ -220,6 +223,26 @@ def _schemas(
     keyed, defs = models_json_schema(list(modes.items()), ref_template=REF_TEMPLATE)
     refs = {model: keyed[(model, mode)] for model, mode in modes.items()}
     return refs, dict(defs.get("$defs", {}))
+
+
+def _apply_limits(components: dict[str, Any], settings: Settings) -> None:
+    """Write this server's MAX_BATCH_SIZE into the request schemas (more texts: 422, or 400
+    under /v1), copying what it changes: the models' schemas may share dicts."""
+    for name, prop in (("BatchEmbedRequest", "texts"), ("EmbeddingsRequest", "input")):
+        properties = components.get(name, {}).get("properties", {})
+        if prop not in properties:
+            continue
+        schema = dict(properties[prop])
+        if schema.get("type") == "array":
+            schema["maxItems"] = settings.max_batch_size
+        elif "anyOf" in schema:
+            schema["anyOf"] = [
+                {**branch, "maxItems": settings.max_batch_size}
+                if branch.get("type") == "array"
+                else branch
+                for branch in schema["anyOf"]
+            ]
+        properties[prop] = schema
 
 
 def _operation(

@@ -4,11 +4,13 @@
 and tests do not collide). The access log calls `on_request` once per answer; the model
 registry calls `on_batch` for every model batch and `on_result` for every embedded request;
 queue depths, loaded models, load times, evictions and offloads are read from the model
-registry when Prometheus scrapes. All of it runs on the event loop thread.
+registry, and the event loop's task count from asyncio, when Prometheus scrapes. All of it
+runs on the event loop thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -114,6 +116,7 @@ class PrometheusMetrics:
             registry=registry,
         )
         registry.register(_ModelsCollector(models))
+        registry.register(_EventLoopCollector())
         if process:
             ProcessCollector(registry=registry)
         self._by_answer: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
@@ -273,4 +276,21 @@ class _ModelsCollector:
             "embedserve_model_offloads",
             "Models unloaded after MODEL_CACHE_TTL unused.",
             self._models.offloads,
+        )
+
+
+class _EventLoopCollector:
+    """Counts the event loop's tasks at scrape time: one per open request plus a few fixed
+    ones (batcher loops, the sweeper), so steady growth at steady load is a leak.
+    """
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            tasks = asyncio.all_tasks()
+        except RuntimeError:  # scraped from a thread without a running loop: nothing to say
+            return
+        yield GaugeMetricFamily(
+            "embedserve_event_loop_tasks",
+            "Tasks on the server's event loop (unfinished), the scrape's own included.",
+            len(tasks),
         )

@@ -208,7 +208,12 @@ class ModelRegistry:
             logger.info("loading model %s (%s)", spec.name, spec.source)
             backend = await self._load_run_sync(lambda: self._loader(spec))
             warm = backend
-            await self._load_run_sync(lambda: warm.embed(["warm-up"]))
+            try:
+                await self._load_run_sync(lambda: warm.embed(["warm-up"]))
+            except Exception as exc:  # damaged weights load fine and fail here (NaN rows)
+                raise ModelUnavailable(
+                    f"model {spec.name} failed to load: its warm-up inference failed"
+                ) from exc
             on_batch = partial(self.observer.on_batch, spec.name) if self.observer else None
             batcher = MicroBatcher(backend, self.policy, run_sync=self._run_sync, on_batch=on_batch)
             batcher.start()
@@ -218,9 +223,16 @@ class ModelRegistry:
                 with contextlib.suppress(Exception):
                     await self._load_run_sync(closing.close)
             error = exc if isinstance(exc, EmbedServeError) else None
-            if error is None and isinstance(exc, Exception):
+            if error is not None:
+                # The client's message names no file; the log keeps the library's reason.
+                logger.warning(
+                    "loading model %s failed: %s (%r)", spec.name, error.message, exc.__cause__
+                )
+            elif isinstance(exc, Exception):
                 logger.exception("loading model %s failed", spec.name)
-                error = ModelUnavailable(f"model {spec.name} could not be loaded")
+                error = ModelUnavailable(
+                    f"model {spec.name} failed to load; the server log has the cause"
+                )
             if error is not None:
                 self._failures[spec.name] = (self._clock(), error)
                 raise error from exc

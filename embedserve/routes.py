@@ -84,12 +84,16 @@ async def embed_batch(request: Request) -> Response:
     """``POST /embed/batch``: texts -> embeddings in the same order."""
     settings, _, stats = state(request)
     stats.total_requests += 1
-    body = validate(BatchEmbedRequest, await json_body(request))
-    if len(body.texts) > settings.max_batch_size:
+    data = await json_body(request)
+    # Counted before validation: pydantic reports every bad item, so a 10 MB list of numbers
+    # would hold the event loop for seconds and answer with a 200 MB error body.
+    sent = data.get("texts") if isinstance(data, dict) else None
+    if isinstance(sent, list) and len(sent) > settings.max_batch_size:
         raise ValidationFailed(
-            f"invalid field 'texts': {len(body.texts)} texts, over the limit of "
+            f"invalid field 'texts': {len(sent)} texts, over the limit of "
             f"{settings.max_batch_size} (MAX_BATCH_SIZE)"
         )
+    body = validate(BatchEmbedRequest, data)
     model = _model_name(settings, body.model_name)
     texts = check_texts(
         body.texts, max_length=settings.max_text_length, truncate=body.truncate, field="texts"

@@ -2,33 +2,71 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    WithJsonSchema,
+)
 
 from embedserve.errors import BadRequest, ValidationFailed
+from embedserve.store import MAX_NAME_LENGTH
 
 M = TypeVar("M", bound=BaseModel)
+
+# What `store.validate_model_name` accepts, as a JSON Schema pattern: '/'-separated parts of
+# letters, digits, '.', '_', '-', each starting with a letter or digit and not ending in '.'.
+# A name outside it is refused with 400 (invalid_model_name); tests/test_openapi.py checks
+# that the two agree.
+_NAME_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_-])?"
+MODEL_NAME_PATTERN = rf"^{_NAME_PART}(?:/{_NAME_PART})*$"
+MODEL_NAME_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_NAME_LENGTH,
+    "pattern": MODEL_NAME_PATTERN,
+}
+# `check_texts` refuses a text that is empty or only whitespace (422; 400 under /v1): it needs
+# a character that `str.strip` keeps. Python's whitespace adds \x1c-\x1f and \x85 to ECMA's
+# `\s`, which adds \uFEFF; the pattern spells out both, so every regex engine reads it alike.
+TEXT_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "pattern": r"[^\s\x1c-\x1f\x85]|\uFEFF",
+}
+
+# The pydantic checks stay as they are (strict types); these only tell /openapi.json the
+# rules enforced after parsing, so that the document describes what is really accepted.
+ModelName = Annotated[StrictStr, WithJsonSchema(MODEL_NAME_SCHEMA)]
+Text = Annotated[StrictStr, WithJsonSchema(TEXT_SCHEMA)]
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    model_name: StrictStr | None = Field(None, description="Model to use; default: first required")
+    model_name: ModelName | None = Field(None, description="Model to use; default: first required")
     truncate: StrictBool = Field(False, description="Cut texts over MAX_TEXT_LENGTH instead of 422")
 
 
 class EmbedRequest(_Request):
     """``POST /embed``: one text."""
 
-    text: StrictStr
+    text: Text = Field(description="Not blank; at most MAX_TEXT_LENGTH characters unless truncate")
 
 
 class BatchEmbedRequest(_Request):
     """``POST /embed/batch``: several texts, answered in the same order."""
 
-    texts: list[StrictStr] = Field(min_length=1)
+    texts: list[Text] = Field(
+        min_length=1,
+        description="At most MAX_BATCH_SIZE texts; each as in /embed",
+    )
 
 
 # -- responses --------------------------------------------------------------------------

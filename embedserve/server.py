@@ -90,15 +90,18 @@ def configure_logging(settings: Settings) -> None:
     route_library_logs()
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, registry: ModelRegistry | None = None) -> int:
     """Serve until a signal; returns the exit status (3: start-up failed).
+
+    `registry` defaults to the real one (`create_app`'s); the fault-injection tests hand in
+    one whose backend fails on purpose, so they run the real server around it.
 
     After a graceful stop on SIGTERM/SIGINT, uvicorn re-raises the signal, so the process
     ends as killed by that signal (status 143 / -15), as the convention for signals is.
     """
     configure_logging(settings)
     warn_if_exposed(settings)
-    app = create_app(settings)
+    app = create_app(settings, registry)
     config = uvicorn.Config(
         _OneLineStartupFailure(app),
         host=settings.host,

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         "Largest request body, enforced while reading.",
         ge=1024,
     )
+    body_timeout_s: float = _field(
+        "BODY_TIMEOUT_S",
+        60.0,
+        "Seconds from a request's headers to the end of its body; a slower body gets 408.",
+        gt=0,
+    )
 
     # -- requests ----------------------------------------------------------------------
     max_text_length: int = _field(
@@ -91,7 +97,11 @@ class Settings(BaseSettings):
         "MAX_BATCH_SIZE", 32, "Most texts in one /embed/batch request.", ge=1
     )
     request_timeout: float = _field(
-        "REQUEST_TIMEOUT", 300.0, "Seconds before a request is answered 504 and dropped.", gt=0
+        "REQUEST_TIMEOUT",
+        300.0,
+        "Seconds before a request is answered 504 and dropped; one the queue could not serve "
+        "in time is refused with 429 at once.",
+        gt=0,
     )
 
     # -- models ------------------------------------------------------------------------

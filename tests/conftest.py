@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from embedserve.registry import ModelRegistry
 from embedserve.settings import Settings
 from embedserve.store import ModelStore
 from tests.fakes import FakeLoader, GatedRunner
+from tests.reliability import Recorder, results_path
 from tests.serverutil import require_exported_model
 
 CATALOGUE = frozenset({"fake/a", "fake/b", "fake/c", "BAAI/bge-small-en-v1.5"})
@@ -90,3 +92,28 @@ async def api(serve: Serve) -> AsyncIterator[Api]:
     """The app with default test settings."""
     async with serve() as running:
         yield running
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Start the reliability results afresh when asked (`make test` and `make
+    test-reliability` ask, so the report holds one run's figures only)."""
+    if os.environ.get("EMBEDSERVE_RELIABILITY_FRESH"):
+        results_path().unlink(missing_ok=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the item, so fixtures can see whether the test passed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def reliability(request: pytest.FixtureRequest) -> Iterator[Recorder]:
+    """A recorder of reliability figures (tests/reliability.py); its rows are written with
+    the test's outcome when the test ends."""
+    recorder = Recorder(request.node.nodeid)
+    yield recorder
+    report = getattr(request.node, "report_call", None)
+    recorder.flush(passed=bool(report is not None and report.passed))

@@ -182,12 +182,16 @@ class ServerProcess:
 
 
 def _launch(
-    port: int, env: Mapping[str, str], log_path: Path, settings: Mapping[str, str]
+    port: int,
+    env: Mapping[str, str],
+    log_path: Path,
+    settings: Mapping[str, str],
+    module: str = "embedserve",
 ) -> ServerProcess:
     command = [
         python_executable(),
         "-m",
-        "embedserve",
+        module,
         "serve",
         "--host",
         "127.0.0.1",
@@ -216,9 +220,11 @@ def running_server(
     startup_timeout_s: float = 90.0,
     stop_timeout_s: float = 40.0,
     attempts: int = 3,
+    module: str = "embedserve",
 ) -> Iterator[ServerProcess]:
     """Start the real server with settings `env` (env names, e.g. ``BATCH_MAX_TEXTS``), wait
     until healthy, yield it, and stop it on exit (SIGTERM, then SIGKILL past the bound).
+    `module` is run as ``python -m MODULE serve`` (``tests.faultserver`` injects faults).
 
     A port taken between choosing and binding it is retried up to `attempts` times. Raises
     ServerError with the log's tail when the server does not become healthy. The log lives
@@ -233,7 +239,8 @@ def running_server(
     try:
         for attempt in range(1, attempts + 1):
             port = free_port()
-            server = _launch(port, child_env, directory / f"server-{port}.log", env or {})
+            log_path = directory / f"server-{port}.log"
+            server = _launch(port, child_env, log_path, env or {}, module)
             try:
                 server.wait_healthy(startup_timeout_s)
                 break

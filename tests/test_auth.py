@@ -336,7 +336,7 @@ def test_no_warning_with_a_keys_file(tmp_path: Path) -> None:
 def test_serve_warns_before_it_starts(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def stop(settings: Settings) -> None:
+    def stop(settings: Settings, *args: Any) -> None:
         raise RuntimeError("stopped before listening")
 
     monkeypatch.setattr(server, "configure_logging", lambda settings: None)
@@ -345,3 +345,40 @@ def test_serve_warns_before_it_starts(
     with pytest.raises(RuntimeError, match="stopped before listening"):
         server.serve(Settings.build(host="0.0.0.0", required_models=[]))
     assert "no API keys" in caplog.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("headers", "accepted"),
+    [
+        ([], False),
+        ([(b"authorization", b"Bearer sk-wrong-zzzzzzzzzzzzzzzzzz")], False),
+        ([(b"authorization", f"Bearer {KEY_A}".encode())], True),
+    ],
+)
+async def test_a_websocket_handshake_needs_a_key_too(
+    headers: list[tuple[bytes, bytes]], accepted: bool
+) -> None:
+    reached: list[str] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await send({"type": "websocket.accept"})
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    scope = {"type": "websocket", "path": "/ws", "headers": headers, "client": ("192.0.2.1", 1)}
+    with anyio.fail_after(10):
+        await ApiKeyAuth(inner, keys=[KEY_A])(scope, receive, send)
+    if accepted:
+        assert (reached, sent) == (["/ws"], [{"type": "websocket.accept"}])
+    else:
+        assert reached == []
+        assert [m["type"] for m in sent] == ["websocket.close"]
+        assert sent[0]["code"] == 1008

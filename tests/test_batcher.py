@@ -15,7 +15,7 @@ import pytest
 
 from embedserve.batcher import BatchPolicy, MicroBatcher
 from embedserve.errors import InferenceFailed, Overloaded, RequestTimeout, ShuttingDown
-from tests.fakes import FakeBackend, GatedRunner, fake_vector
+from tests.fakes import FakeBackend, FakeClock, GatedRunner, fake_vector
 
 pytestmark = pytest.mark.anyio
 
@@ -169,6 +169,46 @@ async def test_full_queue_refuses_at_once_with_retry_after(backend: FakeBackend,
             assert int(refused.value.headers["Retry-After"]) >= 1
             gate.release(2)
             await asyncio.gather(first, *queued)
+
+
+async def test_work_that_would_time_out_in_the_queue_is_refused_at_once(
+    backend: FakeBackend, gate: GatedRunner
+):
+    """Admission by estimated wait: queued texts x recent seconds per text, vs the timeout."""
+    clock = FakeClock()
+    with anyio.fail_after(5):
+        batcher = MicroBatcher(backend, BatchPolicy(), run_sync=gate, clock=clock)
+        batcher.start()
+        try:
+            for text in ("first", "second"):
+                done = spawn(batcher, text)
+                await gate.wait_for_waiting(1)
+                clock.advance(1.0)  # the model takes a second a text
+                gate.release()
+                await done
+                clock.advance(60.0)  # idle: no part of the model's pace
+            assert batcher.stats.recent_s_per_text == pytest.approx(1.0)
+
+            running_now = spawn(batcher, "running")
+            await gate.wait_for_waiting(1)
+            queued = spawn(batcher, "queued")
+            await settle()
+            # One text running, one queued, one more: about 3 s.
+            assert batcher.estimated_wait_s(1) == pytest.approx(3.0)
+            with pytest.raises(Overloaded) as refused:
+                await batcher.submit(["would time out"], timeout_s=2.5)
+            assert refused.value.headers["Retry-After"] == "2"
+            assert batcher.queued == 1, "the refused request left texts behind"
+            admitted = asyncio.ensure_future(batcher.submit(["fits"], timeout_s=3.5))
+            await settle()
+            assert batcher.queued == 2
+            gate.release(3)
+            await asyncio.gather(running_now, queued, admitted)
+            # Alone, a request is admitted whatever its timeout: it may still make it.
+            gate.open = True
+            await batcher.submit(["alone, slow"], timeout_s=0.5)
+        finally:
+            await batcher.aclose(0)
 
 
 async def test_timeout_answers_and_drops_the_work(backend: FakeBackend, gate: GatedRunner):

@@ -30,9 +30,8 @@ from embedserve.importer import (
     pick_checkpoint,
     resolve_checkpoint,
     run_command,
-    sha256_file,
 )
-from embedserve.store import MANIFEST_FILE, Manifest, ModelStore
+from embedserve.store import MANIFEST_FILE, Manifest, ModelStore, file_sha256
 
 NAME = "org/tiny-model"
 REQUIREMENTS = "# comment\ntorch==2.13.0\ntransformers==5.24.0\n"
@@ -285,7 +284,7 @@ def test_import_writes_manifest_and_model(
     manifest = run_import(workspace, str(checkpoint), FakeRunner(), parity=0.99995)
     final = store.model_dir(NAME)
     assert store.get(NAME) == manifest
-    assert manifest.onnx_sha256 == sha256_file(final / "model.onnx")
+    assert manifest.onnx_sha256 == file_sha256(final / "model.onnx")
     assert (manifest.dimension, manifest.pooling, manifest.max_tokens) == (4, "mean", 8)
     assert manifest.parity_min_cosine == 0.99995
     assert manifest.source == str(checkpoint)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from embedserve.backend import Backend, load_local
-from embedserve.importer import min_cosine, sha256_file
-from embedserve.store import Manifest, ModelStore
+from embedserve.importer import min_cosine
+from embedserve.store import Manifest, ModelStore, file_sha256
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +58,7 @@ def reference() -> dict[str, object]:
 
 
 def test_manifest_sha256_matches_model_onnx(model_dir: Path, manifest: Manifest) -> None:
-    assert sha256_file(model_dir / "model.onnx") == manifest.onnx_sha256
+    assert file_sha256(model_dir / "model.onnx") == manifest.onnx_sha256
 
 
 def test_manifest_describes_minilm(manifest: Manifest) -> None:

@@ -157,6 +157,13 @@ async def test_dimensions_equal_to_the_models_own_are_accepted(api: Api) -> None
     assert len(catalogue.json()["data"][0]["embedding"]) == DIM
 
 
+async def test_dimensions_written_as_a_whole_float_are_accepted(api: Api) -> None:
+    # JSON has one number type and the documented schema says "integer", which admits 8.0.
+    response = await embeddings(api, model="fake/a", input="hi", dimensions=float(DIM))
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"][0]["embedding"]) == DIM
+
+
 @pytest.mark.parametrize("model", ["fake/a", "fake/b"], ids=["loaded", "not_loaded_yet"])
 async def test_other_dimensions_are_400_naming_the_param(api: Api, model: str) -> None:
     response = await embeddings(api, model=model, input="hi", dimensions=DIM // 2)
@@ -212,7 +219,8 @@ async def test_requests_and_texts_are_counted_in_metrics(api: Api) -> None:
         ({"model": "fake/a", "input": "hi", "encoding_format": 1}, "encoding_format"),
         ({"model": "fake/a", "input": "hi", "dimensions": 0}, "dimensions"),
         ({"model": "fake/a", "input": "hi", "dimensions": "8"}, "dimensions"),
-        ({"model": "fake/a", "input": "hi", "dimensions": 8.0}, "dimensions"),
+        ({"model": "fake/a", "input": "hi", "dimensions": 8.5}, "dimensions"),
+        ({"model": "fake/a", "input": "hi", "dimensions": True}, "dimensions"),
         ({"model": "fake/a", "input": "hi", "user": 7}, "user"),
         ({"model": "fake/a", "input": "hi", "truncate": "yes"}, "truncate"),
     ],

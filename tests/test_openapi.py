@@ -11,13 +11,16 @@ import anyio
 import httpx
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openapi_spec_validator import validate as validate_openapi
 from starlette.routing import BaseRoute, Mount, Route
 
-from embedserve import openapi
+from embedserve import openapi, schemas
 from embedserve.errors import EmbedServeError, ImportFailed
 from embedserve.routes import routes
 from embedserve.settings import Settings
+from embedserve.store import validate_model_name
 from tests.conftest import Api, Serve
 
 pytestmark = pytest.mark.anyio
@@ -280,6 +283,65 @@ async def test_the_schemas_refuse_wrong_bodies(api: Api) -> None:
     ):
         with pytest.raises(jsonschema.ValidationError):
             component(spec, "EmbedResponse").validate(broken)
+
+
+# -- the rules enforced after parsing, as the document states them ----------------------------
+def _store_accepts(name: str) -> bool:
+    try:
+        validate_model_name(name)
+    except EmbedServeError:
+        return False
+    return True
+
+
+@settings(max_examples=400, derandomize=True, database=None, deadline=None)
+@given(
+    name=st.one_of(
+        st.from_regex(schemas.MODEL_NAME_PATTERN, fullmatch=True),
+        st.text(alphabet="aZ9./_-%\\\n \x00", max_size=12),
+        st.text(max_size=16),
+    )
+)
+def test_the_model_name_pattern_is_what_the_store_accepts(name: str) -> None:
+    # fullmatch: a JSON Schema pattern's '$' is the end of the text, not before a last '\n'.
+    documented = re.fullmatch(schemas.MODEL_NAME_PATTERN, name) is not None
+    documented = documented and len(name) <= schemas.MODEL_NAME_SCHEMA["maxLength"]
+    assert documented == _store_accepts(name), repr(name)
+
+
+def test_the_text_pattern_is_what_check_texts_accepts() -> None:
+    pattern = re.compile(schemas.TEXT_SCHEMA["pattern"])
+    for code in range(0x10000):
+        text = chr(code)
+        try:
+            schemas.check_texts([text], max_length=8, truncate=False, field="text")
+            accepted = True
+        except EmbedServeError:
+            accepted = False
+        assert (pattern.search(text) is not None) == accepted, hex(code)
+
+
+def test_only_json_schema_keywords_reach_the_document() -> None:
+    # pydantic writes a constraint it cannot translate under its own name ("ge": 1), which
+    # every JSON Schema reader ignores: the document would promise less than is enforced.
+    spec = openapi.build_spec(Settings.build())
+    pydantic_only = {"ge", "gt", "le", "lt", "min_length", "max_length", "multiple_of"}
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            if "type" in node or "anyOf" in node:
+                assert not pydantic_only & set(node), (where, node)
+            for key, value in node.items():
+                if key != "properties":
+                    walk(value, f"{where}/{key}")
+                else:
+                    for name, prop in value.items():
+                        walk(prop, f"{where}/properties/{name}")
+        elif isinstance(node, list):
+            for index, item in enumerate(node):
+                walk(item, f"{where}/{index}")
+
+    walk(spec["components"]["schemas"], "#/components/schemas")
 
 
 # -- caching -----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,6 +34,7 @@ FAMILIES = {
     "embedserve_model_offloads": "counter",
     "embedserve_dropped_texts": "counter",
     "embedserve_failed_batches": "counter",
+    "embedserve_event_loop_tasks": "gauge",
 }
 PROMETHEUS_SCRAPE_ACCEPT = (
     "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
@@ -154,6 +156,36 @@ async def test_queue_depth_gauge_reads_the_batcher(serve: Serve) -> None:
                 gate.release()
     assert value(during, "embedserve_queue_depth", model="fake/a") == 2
     assert value(during, "embedserve_in_flight_texts", model="fake/a") == 1
+
+
+async def test_event_loop_tasks_gauge_counts_open_requests(serve: Serve) -> None:
+    gate = GatedRunner(open_=True)
+    with anyio.fail_after(10):
+        async with serve(run_sync=gate) as api:
+            _, idle = await scrape(api)
+            gate.open = False
+            async with anyio.create_task_group() as group:
+                group.start_soon(post, api, "/embed", {"text": "held"})
+                await gate.wait_for_waiting(1)
+                group.start_soon(post, api, "/embed", {"text": "queued"})
+                await wait_queued(api, 1)
+                _, busy = await scrape(api)
+                gate.open = True
+                gate.release()
+            _, done = await scrape(api)
+    tasks = "embedserve_event_loop_tasks"
+    # Each open request is its client task plus the handler's work and disconnect watcher.
+    assert value(busy, tasks) >= value(idle, tasks) + 2 * 3
+    assert value(done, tasks) == value(idle, tasks)
+
+
+async def test_event_loop_tasks_gauge_is_left_out_off_the_loop(api: Api) -> None:
+    metrics = PrometheusMetrics(api.registry, process=False)
+    in_thread = await anyio.to_thread.run_sync(
+        metrics.registry.get_sample_value, "embedserve_event_loop_tasks"
+    )
+    assert in_thread is None
+    assert metrics.registry.get_sample_value("embedserve_event_loop_tasks") is not None
 
 
 # -- errors and rejections -----------------------------------------------------------

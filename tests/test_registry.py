@@ -266,3 +266,51 @@ async def test_waiting_for_a_stuck_load_ends_at_the_request_timeout(tmp_path, lo
         result = await registry.embed("org/slow", ["y"])
         assert result.vectors.shape == (1, 8)
         assert loader.calls == ["org/slow"]
+
+
+async def test_failed_warm_up_is_a_failed_load_that_evicts_nothing(tmp_path, loader, clock):
+    # Damaged weights load fine and give NaN rows, which the real backend turns into an
+    # error on the warm-up text; that must count as a failed load.
+    def load(spec):
+        backend = loader(spec)
+        if spec.name == "org/broken":
+            backend.fail_next = RuntimeError("non-finite embeddings")
+        return backend
+
+    async with registry_for(tmp_path, load, clock, max_models=1) as registry:
+        await registry.embed("org/a", ["x"])
+        with pytest.raises(ModelUnavailable, match="org/broken failed to load: its warm-up"):
+            await registry.embed("org/broken", ["x"])
+        assert registry.loaded_names() == ["org/a"]
+        assert registry.evictions == 0
+        assert loader.backends["org/broken"].closed
+        assert (await registry.embed("org/a", ["still serving"])).vectors.shape == (1, 8)
+
+
+async def test_callers_gone_while_queued_or_running_leave_nothing_behind(tmp_path, loader, clock):
+    async with registry_for(tmp_path, loader, clock, max_models=1) as registry:
+        await registry.embed("org/a", ["warm"])
+        tasks_before = len(asyncio.all_tasks())
+        hold = loader.backends["org/a"].hold = threading.Event()
+        running = asyncio.ensure_future(registry.embed("org/a", ["running"]))
+        await until(lambda: registry.describe("org/a").in_flight == 1)
+        queued = [
+            asyncio.ensure_future(registry.embed("org/a", [f"queued {n}", f"also {n}"]))
+            for n in range(50)
+        ]
+        await until(lambda: registry.describe("org/a").queued == 100)
+        for caller in [running, *queued]:
+            caller.cancel()
+        await asyncio.gather(running, *queued, return_exceptions=True)
+        info = registry.describe("org/a")
+        assert (info.queued, info.in_flight) == (0, 1)  # the queue emptied at once
+        hold.set()
+        await until(lambda: registry.describe("org/a").in_flight == 0)
+        assert registry.describe("org/a").stats["dropped_texts"] == 100
+        assert len(asyncio.all_tasks()) == tasks_before
+        # No lease leaked: the model is idle, so a new model evicts it at once.
+        clock.advance(1)
+        await registry.embed("org/b", ["next"])
+        await registry.wait_released()
+        assert registry.loaded_names() == ["org/b"]
+        assert loader.backends["org/a"].closed

@@ -90,3 +90,18 @@ def test_required_models_must_be_allowed() -> None:
 def test_build_ignores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PORT", "9000")
     assert Settings.build().port == 8000
+
+
+def test_body_timeout_reads_both_names_and_refuses_non_positive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("BODY_TIMEOUT_S", raising=False)
+    monkeypatch.delenv("EMBEDSERVE_BODY_TIMEOUT_S", raising=False)
+    assert Settings.from_env().body_timeout_s == 60
+    monkeypatch.setenv("BODY_TIMEOUT_S", "5")
+    assert Settings.from_env().body_timeout_s == 5
+    monkeypatch.setenv("EMBEDSERVE_BODY_TIMEOUT_S", "2.5")
+    assert Settings.from_env().body_timeout_s == 2.5
+    monkeypatch.setenv("EMBEDSERVE_BODY_TIMEOUT_S", "0")
+    with pytest.raises(SettingsError, match="invalid setting BODY_TIMEOUT_S"):
+        Settings.from_env()

@@ -1,13 +1,23 @@
-"""ModelStore: safe names, manifests, list/remove."""
+"""ModelStore: safe names, manifests, list/remove, the model file's checksum."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from pathlib import Path
 
 import pytest
 
-from embedserve.errors import InvalidModelName
-from embedserve.store import MANIFEST_FILE, Manifest, ModelStore, validate_model_name
+from embedserve.errors import InvalidModelName, ModelUnavailable
+from embedserve.store import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    Manifest,
+    ModelFileMismatch,
+    ModelStore,
+    validate_model_name,
+    verify_model_file,
+)
 
 
 def manifest(name: str) -> Manifest:
@@ -68,3 +78,32 @@ def test_broken_manifest_is_skipped_by_list_and_reported_by_get(tmp_path: Path) 
     assert store.list() == []
     with pytest.raises(ValueError):
         store.get("org/bad")
+
+
+def test_model_file_is_checked_against_the_manifest_checksum(tmp_path: Path) -> None:
+    payload = b"onnx bytes " * 1000
+    (tmp_path / MODEL_FILE).write_bytes(payload)
+    good = dataclasses.replace(manifest("org/m"), onnx_sha256=hashlib.sha256(payload).hexdigest())
+    verify_model_file(tmp_path, good)  # intact: no error
+
+    (tmp_path / MODEL_FILE).write_bytes(payload[:-1])  # truncated by one byte
+    with pytest.raises(ModelFileMismatch, match="does not match"):
+        verify_model_file(tmp_path, good)
+    (tmp_path / MODEL_FILE).write_bytes(payload[:-1] + b"!")  # same size, one byte changed
+    with pytest.raises(ModelFileMismatch, match="does not match"):
+        verify_model_file(tmp_path, good)
+    (tmp_path / MODEL_FILE).unlink()
+    with pytest.raises(ModelFileMismatch, match="unreadable") as missing:
+        verify_model_file(tmp_path, good)
+    assert str(tmp_path) not in str(missing.value)  # clients may see it: no paths
+    verify_model_file(tmp_path, dataclasses.replace(good, onnx_sha256=""))  # nothing to check
+
+
+def test_loading_a_mismatching_model_file_fails_before_onnx_runtime(tmp_path: Path) -> None:
+    from embedserve.backend import load_local
+
+    (tmp_path / MODEL_FILE).write_bytes(b"not a model")
+    with pytest.raises(ModelUnavailable, match="org/m failed to load") as failed:
+        load_local(tmp_path, manifest("org/m"), threads=1)
+    assert str(tmp_path) not in failed.value.message
+    assert isinstance(failed.value.__cause__, ModelFileMismatch)
