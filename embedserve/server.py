@@ -16,6 +16,7 @@ from embedserve.auth import warn_if_exposed
 from embedserve.backend import route_library_logs
 from embedserve.logs import configure_logging as configure_log_output
 from embedserve.logs import stop_background_logging
+from embedserve.protocol import protocol_class
 from embedserve.registry import ModelRegistry
 from embedserve.settings import Settings
 
@@ -108,6 +109,7 @@ def serve(settings: Settings, registry: ModelRegistry | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level.lower(),
         lifespan="on",
+        http=protocol_class(settings.header_timeout_s),  # slow-loris heads: 408 + close
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         log_config=None,  # uvicorn's records go through our handler, in LOG_FORMAT
         access_log=False,  # AccessLog writes one line per request (ACCESS_LOG)

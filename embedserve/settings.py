@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         "Seconds from a request's headers to the end of its body; a slower body gets 408.",
         gt=0,
     )
+    header_timeout_s: float = _field(
+        "HEADER_TIMEOUT_S",
+        10.0,
+        "Seconds for a request's headers to arrive, from the connection (or, on a kept-alive "
+        "one, from the request's first byte); a slower head gets 408 and the connection closes.",
+        gt=0,
+    )
 
     # -- requests ----------------------------------------------------------------------
     max_text_length: int = _field(

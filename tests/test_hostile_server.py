@@ -1,6 +1,7 @@
 """Hostile clients against the real server (uvicorn, real model, loopback): bodies over the
 limit streamed without or with a lying Content-Length (413 while streaming, RSS flat),
-slow bodies (408 at BODY_TIMEOUT_S), slow headers (held, but nobody else waits), and the
+slow bodies (408 at BODY_TIMEOUT_S), slow or missing headers (408 at HEADER_TIMEOUT_S;
+nobody else waits meanwhile), and the
 hostile texts and request ids of tests/test_hostile_input.py once more through real sockets.
 
 Requests are written on raw sockets: httpx sends a whole body before it reads the answer,
@@ -32,6 +33,7 @@ AREA = "Hostile input"
 MIB = 1024 * 1024
 MAX_REQUEST_BYTES = 10 * MIB  # the default, stated so the test does not depend on it moving
 BODY_TIMEOUT_S = 2.0
+HEADER_TIMEOUT_S = 3.0
 CHUNK = 64 * 1024
 BIG_BODY = 12 * 1000 * 1000  # "12 MB": over the 10 MiB limit
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
@@ -44,6 +46,7 @@ def server(
     env = {
         "MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
         "BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+        "HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
         "ORT_THREADS": "1",
     }
     with running_server(env, log_dir=tmp_path_factory.mktemp("hostile-server")) as running:
@@ -292,28 +295,27 @@ async def slow_body(port: int, *, chunked: bool, interval_s: float = 1.0) -> Exc
     return await send_request(port, head("POST", "/embed", framing), drip())
 
 
-async def stalled_headers(port: int, writers: list[asyncio.StreamWriter]) -> None:
-    """A connection that sends half a request head and then nothing."""
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl")
-    await writer.drain()
-    writers.append(writer)
-
-
-async def still_open(writer: asyncio.StreamWriter) -> bool:
-    """Whether the server still holds this connection (it has not closed its end)."""
-    transport = writer.transport
-    if transport.is_closing():
-        return False
+async def stalled_head(port: int, sent: bytes) -> Exchange:
+    """A connection that sends `sent` (part of a request head, or nothing) and then waits
+    for the server's answer; `answered_after_s` counts from the connect."""
+    exchange = Exchange()
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(b"i")  # one more header byte; a closed peer answers with a reset
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(b"c")
-        await writer.drain()
-    except ConnectionError:
-        return False
-    return not transport.is_closing()
+        if sent:
+            writer.write(sent)
+            await writer.drain()
+        await asyncio.wait_for(read_answer(reader, exchange, started), HEADER_TIMEOUT_S + 20)
+    except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as exc:
+        exchange.error = type(exc).__name__
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return exchange
+
+
+HALF_HEAD = b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl"
 
 
 async def test_slow_bodies_are_cut_at_the_body_timeout(
@@ -353,13 +355,13 @@ async def test_slow_bodies_are_cut_at_the_body_timeout(
 async def test_200_slow_connections_do_not_hold_up_other_clients(
     server: ServerProcess, reliability: Recorder
 ) -> None:
-    """uvicorn has no timeout for request heads: a client that never finishes its headers
-    keeps its connection until it leaves (a proxy's client_header_timeout bounds that; see
-    README). What must hold is that such clients cost a socket each and delay nobody."""
+    """Half-sent heads and silent connections are cut at HEADER_TIMEOUT_S, slow bodies at
+    BODY_TIMEOUT_S, and while they last they cost a socket each and delay nobody."""
     port = server.port
     fds_before = open_fds(server.pid)
-    writers: list[asyncio.StreamWriter] = []
-    await asyncio.gather(*(stalled_headers(port, writers) for _ in range(100)))
+    heads = [
+        asyncio.ensure_future(stalled_head(port, HALF_HEAD if i % 2 else b"")) for i in range(100)
+    ]
     bodies = [asyncio.ensure_future(slow_body(port, chunked=i % 2 == 0)) for i in range(100)]
     await asyncio.sleep(0.5)  # every slow client is connected and dripping
     fds_during = open_fds(server.pid)
@@ -377,36 +379,68 @@ async def test_200_slow_connections_do_not_hold_up_other_clients(
         for start in range(0, 50, 10):
             await asyncio.gather(*(one(i) for i in range(start, start + 10)))
     cut = await asyncio.gather(*bodies)
-    held = sum([await still_open(w) for w in writers])
-    held_after_s = BODY_TIMEOUT_S + 1.5
-    for writer in writers:
-        writer.close()
+    cut_heads = await asyncio.gather(*heads)
     await asyncio.sleep(0.5)
     fds_after = open_fds(server.pid)
 
     p50 = statistics.median(latencies)
+    head_times = [e.answered_after_s for e in cut_heads if e.answered_after_s is not None]
     reliability.record(
         AREA,
-        "Slow headers and slow bodies do not block others",
+        "Slow headers and slow bodies are cut off and block no one",
         tried=(
-            "100 connections that stop halfway through their headers and 100 bodies at 1 "
-            "byte/s, then 50 ordinary /embed requests, 10 at a time (real server)"
+            "50 connections that stop halfway through their headers, 50 that send nothing, "
+            "100 bodies at 1 byte/s, then 50 ordinary /embed requests, 10 at a time; "
+            f"HEADER_TIMEOUT_S={HEADER_TIMEOUT_S:g}, BODY_TIMEOUT_S={BODY_TIMEOUT_S:g} "
+            "(real server)"
         ),
         amount="250 connections",
         outcome=(
             f"ordinary requests: {tally(statuses)}, p50 {p50 * 1000:.0f} ms, max "
             f"{max(latencies) * 1000:.0f} ms; slow bodies: {tally(e.status for e in cut)}; "
-            f"half-sent headers still held after >{held_after_s:.1f} s: {held}/100 (uvicorn "
-            f"has no header timeout); server fds {fds_before} -> {fds_during} -> {fds_after} "
-            "after they left"
+            f"slow heads: {tally(e.status for e in cut_heads)}, closed "
+            f"{sum(e.closed for e in cut_heads)}/100, after "
+            f"{min(head_times, default=0):.2f}-{max(head_times, default=0):.2f} s; "
+            f"server fds {fds_before} -> {fds_during} -> {fds_after} after they left"
         ),
     )
     assert statuses == [200] * 50
     # Bounded by the slowest possible path: each request waits at most for a few batches.
     assert max(latencies) < 10, latencies
     assert [e.status for e in cut] == [408] * 100
-    assert held == 100  # documented behaviour; if uvicorn gains a header timeout, revisit
+    for exchange in cut_heads:
+        assert exchange.status == 408, exchange
+        assert exchange.closed, exchange
+        assert exchange.answered_after_s is not None
+        assert HEADER_TIMEOUT_S - 0.1 <= exchange.answered_after_s < HEADER_TIMEOUT_S + 3
+        check_error(exchange, 408, "header_timeout")
     assert fds_after <= fds_before + 5
+
+
+async def test_a_kept_alive_connection_gets_a_fresh_head_deadline_per_request(
+    server: ServerProcess,
+) -> None:
+    """The deadline runs from a request's first byte on a kept-alive connection: a client
+    idle between requests (within uvicorn's keep-alive) is not cut, a stalled head is."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        first, second = Exchange(), Exchange()
+        writer.write(head("GET", "/health", json=False))
+        await writer.drain()
+        await read_answer(reader, first, time.monotonic())
+        assert first.status == 200 and not first.closed
+        writer.write(HALF_HEAD)  # the next request starts, and stalls
+        await writer.drain()
+        started = time.monotonic()
+        await asyncio.wait_for(read_answer(reader, second, started), HEADER_TIMEOUT_S + 20)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    check_error(second, 408, "header_timeout")
+    assert second.closed
+    assert second.answered_after_s is not None
+    assert HEADER_TIMEOUT_S - 1.2 <= second.answered_after_s < HEADER_TIMEOUT_S + 3
 
 
 # -- the hostile texts and ids through real sockets ----------------------------------------

@@ -1,0 +1,85 @@
+"""uvicorn's HTTP protocol with a deadline for each request head (slow-loris headers).
+
+uvicorn times out idle keep-alive connections but not a request head that never finishes:
+a client that connects and sends its headers a byte at a time, or nothing at all, holds a
+socket (a file descriptor) for as long as it likes. This subclass of uvicorn's httptools
+protocol (what ``uvicorn[standard]`` runs) gives every head `HEADER_TIMEOUT_S`, counted from
+the connection (first request) or from the first byte of the next request (keep-alive),
+and answers a late one 408 in the server's error shape, then closes the connection.
+The body's own deadline is `BODY_TIMEOUT_S` (embedserve/limits.py).
+
+It relies on three hooks of uvicorn's httptools protocol (``connection_made``,
+``on_message_begin``, ``on_headers_complete``); tests/test_hostile_server.py checks that a
+slow head is cut off, so an upgrade of uvicorn that changes them fails there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+def protocol_class(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """The HTTP protocol for uvicorn's ``http=`` option: httptools' with a head deadline."""
+    return type(
+        "HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s}
+    )
+
+
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """httptools' protocol; a request head not complete in time gets 408 + close.
+
+    The deadline timer belongs to the connection: armed at connect and at the start of each
+    later request, cancelled when the head is complete or the connection is lost.
+    """
+
+    header_timeout_s: float = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_timer is None:  # the first request's deadline runs from the connect
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        body = orjson.dumps(
+            {
+                "error": f"request headers not received within {self.header_timeout_s:g}s",
+                "error_type": "header_timeout",
+            }
+        )
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n"
+            b"connection: close\r\n\r\n" + body
+        )
+        self.transport.close()
