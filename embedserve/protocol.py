@@ -1,16 +1,19 @@
-"""uvicorn's HTTP protocol with a deadline for each request head (slow-loris headers).
+"""uvicorn's HTTP protocol with a deadline for each request head, and its own errors in
+the server's error shape.
 
 uvicorn times out idle keep-alive connections but not a request head that never finishes:
 a client that connects and sends its headers a byte at a time, or nothing at all, holds a
 socket (a file descriptor) for as long as it likes. This subclass of uvicorn's httptools
 protocol (what ``uvicorn[standard]`` runs) gives every head `HEADER_TIMEOUT_S`, counted from
 the connection (first request) or from the first byte of the next request (keep-alive),
-and answers a late one 408 in the server's error shape, then closes the connection.
-The body's own deadline is `BODY_TIMEOUT_S` (embedserve/limits.py).
+and answers a late one 408 ``header_timeout``, then closes the connection. A request the
+HTTP parser rejects (a malformed head, a negative or 30-digit Content-Length) is answered
+400 ``bad_request`` in the same ``{"error", "error_type"}`` shape instead of uvicorn's
+plain text. The body's own deadline is `BODY_TIMEOUT_S` (embedserve/limits.py).
 
-It relies on three hooks of uvicorn's httptools protocol (``connection_made``,
-``on_message_begin``, ``on_headers_complete``); tests/test_hostile_server.py checks that a
-slow head is cut off, so an upgrade of uvicorn that changes them fails there.
+It relies on hooks of uvicorn's httptools protocol (``connection_made``,
+``on_message_begin``, ``on_headers_complete``, ``send_400_response``); tests/test_protocol.py
+checks each, so an upgrade of uvicorn that changes them fails there.
 """
 
 from __future__ import annotations
@@ -69,16 +72,19 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def _timed_out(self) -> None:
         self._head_timer = None
-        if self.transport.is_closing():
-            return
-        body = orjson.dumps(
-            {
-                "error": f"request headers not received within {self.header_timeout_s:g}s",
-                "error_type": "header_timeout",
-            }
-        )
+        if not self.transport.is_closing():
+            message = f"request headers not received within {self.header_timeout_s:g}s"
+            self._send_error(b"408 Request Timeout", message, "header_timeout")
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request its parser rejects, in the server's error shape."""
+        message = "malformed HTTP request: its request line or headers could not be parsed"
+        self._send_error(b"400 Bad Request", message, "bad_request")
+
+    def _send_error(self, status: bytes, message: str, error_type: str) -> None:
+        body = orjson.dumps({"error": message, "error_type": error_type})
         self.transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\n"
             b"connection: close\r\n\r\n" + body
         )

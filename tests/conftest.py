@@ -101,6 +101,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         results_path().unlink(missing_ok=True)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that records reliability figures is part of the reliability suite (``-m
+    reliability``, which `make test-reliability` runs), marked or not."""
+    for item in items:
+        if "reliability" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.reliability)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """Keep each phase's report on the item, so fixtures can see whether the test passed."""

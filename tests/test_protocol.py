@@ -70,9 +70,9 @@ async def exchange(port: int, sent: bytes) -> tuple[bytes, float]:
     return answer, time.monotonic() - started
 
 
-def error_of(answer: bytes) -> dict[str, str]:
+def error_of(answer: bytes, status: int = 408) -> dict[str, str]:
     head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408 "), answer
+    assert head.startswith(b"HTTP/1.1 %d " % status), answer
     assert b"connection: close" in head.lower()
     error: dict[str, str] = orjson.loads(body)
     return error
@@ -108,3 +108,21 @@ async def test_complete_heads_are_served_and_each_request_gets_its_own_deadline(
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
     assert error_of(rest)["error_type"] == "header_timeout"
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 30 + b"\r\n\r\n",
+        b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+)
+async def test_a_request_the_parser_rejects_gets_400_in_the_error_shape(sent: bytes) -> None:
+    async with server() as port:
+        answer, _ = await exchange(port, sent)
+    assert error_of(answer, 400) == {
+        "error": "malformed HTTP request: its request line or headers could not be parsed",
+        "error_type": "bad_request",
+    }
