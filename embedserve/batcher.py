@@ -30,6 +30,9 @@ T = TypeVar("T")
 # MiniLM's tokenizer: ~25 us for a 70-character text, ~2.3 ms for 8,192 characters).
 INLINE_TOKENIZE_CHARS = 2048
 RunSync = Callable[[Callable[[], T]], Awaitable[T]]
+# What `_isolate` embeds to tell a backend that fails on every input from two poison texts
+# (the registry's warm-up text: the model has embedded it once already).
+PROBE_TEXT = "warm-up"
 # Weight of the latest batch in the running estimate of seconds per text: recent enough to
 # follow a change of load (or of the machine), smooth enough that one odd batch does not
 # swing admission.
@@ -66,7 +69,7 @@ class BatcherStats:
     texts: int = 0
     rows: int = 0
     padded_tokens: int = 0
-    failed_batches: int = 0
+    failed_batches: int = 0  # batches in which at least one text failed, after isolation
     dropped_texts: int = 0
     inference_s: float = 0.0
     queue_s: float = 0.0
@@ -102,7 +105,9 @@ class MicroBatcher:
     Ownership: the queue (`_pending`) and every request future belong to this object; only
     `submit` adds to the queue and only the loop task takes from it. Every future ends in
     exactly one of result, exception or cancelled. Cancelling the caller of `submit` (client
-    gone, timeout) cancels its future, and its texts are dropped before inference.
+    gone, timeout) cancels its future, and its texts are dropped before inference. When the
+    backend raises on a batch, `_isolate` retries parts of it so that only the requests
+    holding the texts to blame fail.
     Shutdown (`aclose`): refuse new work, drain within a bound, cancel the loop, fail what is
     left with `ShuttingDown`. The backend is not closed here; the registry owns it.
     """
@@ -164,7 +169,8 @@ class MicroBatcher:
         Raises `Overloaded` at once when the queue cannot take all of them, or when the work
         already queued would keep them waiting past `timeout_s`; `ShuttingDown` while
         draining; `RequestTimeout` after `timeout_s` (its work is dropped); and
-        `InferenceFailed` when the backend raised on a batch that carried one of them.
+        `InferenceFailed` when the backend failed on one of them (alone, or on a part of its
+        batch that could not be narrowed down; see `_isolate`).
         """
         if not texts:
             raise ValueError("submit needs at least one text")
@@ -311,37 +317,93 @@ class MicroBatcher:
         batch = self._take_batch()
         self._batch_seq += 1
         seq = self._batch_seq
-        rows: dict[str, int] = {}
-        for item in batch:
-            rows.setdefault(item.text, len(rows))
-        texts = list(rows)
+        texts = list(dict.fromkeys(item.text for item in batch))
+        rows: dict[str, Vectors] = {}
         self._in_flight = len(batch)
         started = self._clock()
         since = self._busy_since if self._busy_since is not None else started
         try:
-            vectors: Vectors = await self._run_sync(lambda: self.backend.embed(texts))
-            if vectors.shape[0] != len(texts):
-                raise RuntimeError(f"backend returned {vectors.shape[0]} rows for {len(texts)}")
-        except Exception as exc:
-            # Every request in this batch fails; the loop goes on with the next batch.
-            logger.error(
-                "inference failed for model %s on %d texts: %r", self.backend.name, len(texts), exc
-            )
-            self.stats.failed_batches += 1
-            error = InferenceFailed(f"inference failed for model {self.backend.name}")
-            self._fail(batch, error)
-            return
+            error = await self._embed(texts, rows)
+            failed = await self._isolate(texts, rows, []) if error is not None else []
         except BaseException:
-            # The loop itself is being cancelled (shutdown past its grace period).
+            # The loop itself is being cancelled (shutdown past its grace period), perhaps
+            # mid-retry: nothing was delivered yet, so the whole batch fails.
             self._fail(batch, ShuttingDown())
             raise
         finally:
             self._in_flight = 0
             self._busy_since = self._clock()
         elapsed = self._busy_since - started
-        self._record(batch, texts, elapsed, self._busy_since - since)
+        if failed:
+            logger.error(
+                "inference failed for model %s on %d of %d texts: %r",
+                self.backend.name,
+                len(failed),
+                len(texts),
+                error,
+            )
+            self.stats.failed_batches += 1
+            lost = set(failed)
+            answer = InferenceFailed(f"inference failed for model {self.backend.name}")
+            self._fail([item for item in batch if item.text in lost], answer)
+        elif error is not None:
+            logger.warning(
+                "inference for model %s failed on %d texts, then succeeded in parts: %r",
+                self.backend.name,
+                len(texts),
+                error,
+            )
+        if rows:  # a batch that embedded nothing is only counted in failed_batches
+            self._record(batch, texts, elapsed, self._busy_since - since)
         for item in batch:
-            self._deliver(item, vectors[rows[item.text]], seq, elapsed)
+            if item.text in rows:
+                self._deliver(item, rows[item.text], seq, elapsed)
+
+    async def _embed(self, texts: list[str], rows: dict[str, Vectors]) -> Exception | None:
+        """Run the backend on `texts` once; add their rows to `rows`, or return its error."""
+        try:
+            vectors: Vectors = await self._run_sync(lambda: self.backend.embed(texts))
+            if vectors.shape[0] != len(texts):
+                raise RuntimeError(f"backend returned {vectors.shape[0]} rows for {len(texts)}")
+        except Exception as exc:
+            return exc
+        rows.update(zip(texts, vectors, strict=True))
+        return None
+
+    async def _isolate(
+        self, texts: list[str], rows: dict[str, Vectors], health: list[bool]
+    ) -> list[str]:
+        """Find the texts to blame in `texts`, on which the backend has just raised.
+
+        Splits `texts` in halves and runs each (one after the other): a half that succeeds
+        adds its rows to `rows`, a half that fails is split again, so one poison text in n
+        costs about 2*log2(n) more calls and only it fails. When both halves fail, either
+        each holds a poison text or the backend fails whatever it is given (out of memory, a
+        closed model): one call on `PROBE_TEXT`, made at most once per batch (`health`
+        keeps its answer), tells which. If the probe fails too, all of `texts` fail, so a
+        broken backend costs 3 more calls a batch, not 2n-1; else the search goes on in both
+        halves. Returns the texts that failed. Backend errors never escape; cancellation does.
+        """
+        if len(texts) == 1:
+            return texts
+        middle = len(texts) // 2
+        halves = (texts[:middle], texts[middle:])
+        errors = [await self._embed(half, rows) for half in halves]
+        both_failed = all(error is not None for error in errors)
+        # Two single texts that both failed are both to blame either way: no probe needed.
+        if both_failed and len(texts) > 2 and not await self._healthy(health):
+            return texts
+        failed: list[str] = []
+        for half, error in zip(halves, errors, strict=True):
+            if error is not None:
+                failed += await self._isolate(half, rows, health)
+        return failed
+
+    async def _healthy(self, health: list[bool]) -> bool:
+        """Whether the backend embeds `PROBE_TEXT`; asked once, kept in `health`."""
+        if not health:
+            health.append(await self._embed([PROBE_TEXT], {}) is None)
+        return health[0]
 
     def _fail(self, batch: list[_Item], error: Exception) -> None:
         for item in batch:

@@ -145,8 +145,8 @@ ERROR_TEXT: dict[int, str] = {
     "MAX_BATCH_SIZE texts (validation_error); `details` names every failed field.",
     429: "The model's queue is full (overloaded), or this client's rate limit is spent "
     "(rate_limited). Retry after Retry-After seconds.",
-    500: "The model failed on the batch that carried this request (inference_error), or an "
-    "unexpected error (internal_error).",
+    500: "The model failed on a text of this request (inference_error), or an unexpected "
+    "error (internal_error).",
     503: "The model could not be loaded (model_unavailable), or the server is draining after "
     "SIGTERM (shutting_down).",
     504: "Not answered within REQUEST_TIMEOUT (timeout); the queued work was dropped.",

@@ -19,7 +19,7 @@ import anyio
 import anyio.to_thread
 
 from embedserve.backend import Backend
-from embedserve.batcher import BatchPolicy, EmbedResult, MicroBatcher
+from embedserve.batcher import PROBE_TEXT, BatchPolicy, EmbedResult, MicroBatcher
 from embedserve.entries import ModelEntry, ModelInfo
 from embedserve.errors import (
     EmbedServeError,
@@ -209,7 +209,7 @@ class ModelRegistry:
             backend = await self._load_run_sync(lambda: self._loader(spec))
             warm = backend
             try:
-                await self._load_run_sync(lambda: warm.embed(["warm-up"]))
+                await self._load_run_sync(lambda: warm.embed([PROBE_TEXT]))
             except Exception as exc:  # damaged weights load fine and fail here (NaN rows)
                 raise ModelUnavailable(
                     f"model {spec.name} failed to load: its warm-up inference failed"

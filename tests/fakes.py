@@ -24,7 +24,11 @@ def fake_vector(text: str, dim: int = DIM) -> np.ndarray:
 
 
 class FakeBackend:
-    """Embeds by hashing; tokens are whitespace words + 2. Records every batch it runs."""
+    """Embeds by hashing; tokens are whitespace words + 2. Records every batch it runs.
+
+    Failures: `fail_next` fails the next call, `fail_always` every call, and `poison` every
+    call holding one of its texts.
+    """
 
     def __init__(self, name: str = "fake/model", dimension: int = DIM, max_tokens: int = 256):
         self.name = name
@@ -32,6 +36,8 @@ class FakeBackend:
         self.max_tokens = max_tokens
         self.batches: list[list[str]] = []
         self.fail_next: Exception | None = None
+        self.fail_always: Exception | None = None
+        self.poison: set[str] = set()
         self.hold: threading.Event | None = None  # embed waits for it (from a worker thread)
         self.closed = False
         self._lock = threading.Lock()
@@ -45,6 +51,10 @@ class FakeBackend:
             error, self.fail_next = self.fail_next, None
         if error is not None:
             raise error
+        if self.fail_always is not None:
+            raise self.fail_always
+        if self.poison.intersection(texts):
+            raise RuntimeError(f"poisoned batch of {len(texts)} texts")
         return np.stack([fake_vector(t, self.dimension) for t in texts])
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:

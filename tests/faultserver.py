@@ -3,9 +3,10 @@
 Takes the same settings (environment) and ``--host``/``--port`` as ``embedserve serve`` and
 runs the real registry, batcher, HTTP stack and ONNX model; only each loaded backend is
 wrapped so that `embed` raises on any batch holding a text that contains ``FAULT_MARKER``
-(default ``__fault__``). With ``FAULT_BATCH_LOG`` set, every batch the model is given is
-appended to that file as one JSON line ``{"texts": [...], "failed": bool}``, so a test can
-tell which requests shared a batch with a marker.
+(default ``__fault__``). With ``FAULT_BATCH_LOG`` set, every call of `embed` (a batch, or
+a part of one the batcher retries) is appended to that file as one JSON line
+``{"model": ..., "texts": [...], "failed": bool}``, in the order the calls ran, so a test
+can tell which requests shared a batch with a marker and how the batcher retried it.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ DEFAULT_MARKER = "__fault__"
 
 
 class InjectedFault(RuntimeError):
-    """Raised by `FaultyBackend.embed` for a batch that holds the marker."""
+    """Raised by `FaultyBackend.embed` for a call that holds the marker."""
 
 
 class FaultyBackend:
-    """A real backend whose `embed` raises for batches holding `marker`; records batches."""
+    """A real backend whose `embed` raises for calls holding `marker`; records every call."""
 
     def __init__(self, inner: Backend, marker: str, batch_log: Path | None) -> None:
         self._inner = inner

@@ -6,6 +6,7 @@ Batches are held at a `GatedRunner` gate instead of sleeping; each test is bound
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,7 +14,7 @@ import anyio
 import numpy as np
 import pytest
 
-from embedserve.batcher import BatchPolicy, MicroBatcher
+from embedserve.batcher import PROBE_TEXT, BatchPolicy, MicroBatcher
 from embedserve.errors import InferenceFailed, Overloaded, RequestTimeout, ShuttingDown
 from tests.fakes import FakeBackend, FakeClock, GatedRunner, fake_vector
 
@@ -310,3 +311,146 @@ async def test_failed_request_leaves_no_texts_behind_in_the_queue(
             await batcher.submit(["next"])
     assert backend.batches == [["first"], ["next"]]
     assert batcher.queued == 0
+
+
+# -- isolating the texts a backend fails on ------------------------------------------
+EIGHT = [f"t{i}" for i in range(8)]  # same length: the batch keeps this order, halves known
+
+
+async def one_batch(
+    batcher: MicroBatcher, backend: FakeBackend, gate: GatedRunner, *requests: list[str]
+) -> list[asyncio.Future]:
+    """Queue `requests` behind a running text so they form one batch; hold it at the gate."""
+    warm = spawn(batcher, "warm")
+    await gate.wait_for_waiting(1)
+    tasks = [spawn(batcher, *texts) for texts in requests]
+    await settle()
+    gate.release()
+    await warm
+    await gate.wait_for_waiting(1)
+    backend.batches.clear()
+    return tasks
+
+
+@pytest.mark.parametrize(
+    ("poison", "calls", "probes"),
+    [
+        # One poison text in 8: 1 + 2 * log2(8) calls, and only it fails.
+        ({"t2"}, 7, 0),
+        # Both in one quarter: found like one; the two single texts need no probe.
+        ({"t0", "t1"}, 7, 0),
+        # In both halves of a quarter: one probe call, then both halves are searched.
+        ({"t0", "t2"}, 10, 1),
+        # In both halves of the batch: the same, from the top.
+        ({"t1", "t6"}, 12, 1),
+    ],
+)
+async def test_a_failing_batch_is_split_to_fail_only_the_texts_to_blame(
+    backend: FakeBackend, gate: GatedRunner, poison: set[str], calls: int, probes: int
+):
+    clock = FakeClock()
+    seen: list[tuple[int, int, float]] = []
+
+    async def timed(func):  # each model call takes one (fake) second
+        clock.advance(1.0)
+        return await gate(func)
+
+    batcher = MicroBatcher(
+        backend, BatchPolicy(), run_sync=timed, clock=clock, on_batch=lambda *a: seen.append(a)
+    )
+    batcher.start()
+    try:
+        with anyio.fail_after(5):
+            tasks = await one_batch(batcher, backend, gate, *([t] for t in EIGHT))
+            backend.poison = poison
+            gate.open = True
+            gate.release()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await batcher.aclose(0)
+    # About 2 log2(n) calls for each poison text, and at most one probe.
+    assert len(backend.batches) == calls <= 2 + 2 * len(poison) * math.ceil(math.log2(8))
+    assert backend.batches[:3] == [EIGHT, EIGHT[:4], EIGHT[4:]]
+    assert backend.batches.count([PROBE_TEXT]) == probes
+    for text, result in zip(EIGHT, results, strict=True):
+        if text in poison:  # only the texts to blame fail
+            assert isinstance(result, InferenceFailed), (text, result)
+        else:
+            assert np.allclose(result.vectors[0], fake_vector(text)), text
+    assert batcher.stats.failed_batches == 1
+    # Recorded once, with the time of every call it took.
+    assert batcher.stats.batches == 2
+    assert seen[-1] == (8, 8 * 3, float(calls))
+
+
+async def test_a_backend_failing_every_call_costs_a_batch_three_more_calls(
+    backend: FakeBackend, gate: GatedRunner
+):
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            tasks = await one_batch(batcher, backend, gate, *([t] for t in EIGHT))
+            backend.fail_always = MemoryError("out of memory")
+            gate.open = True
+            gate.release()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(r, InferenceFailed) for r in results), results
+            # The batch, its halves, and the probe that tells the backend is broken.
+            assert backend.batches == [EIGHT, EIGHT[:4], EIGHT[4:], [PROBE_TEXT]]
+            with pytest.raises(InferenceFailed):
+                await batcher.submit(["one", "two"])
+            assert len(backend.batches) == 4 + 3  # two texts: no probe
+            assert batcher.stats.failed_batches == 2
+
+
+async def test_a_transient_failure_is_retried_in_halves_and_nothing_fails(
+    backend: FakeBackend, gate: GatedRunner
+):
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            tasks = await one_batch(batcher, backend, gate, *([t] for t in EIGHT))
+            backend.fail_next = RuntimeError("once")
+            gate.open = True
+            gate.release()
+            results = await asyncio.gather(*tasks)
+    assert backend.batches == [EIGHT, EIGHT[:4], EIGHT[4:]]
+    for text, result in zip(EIGHT, results, strict=True):
+        assert np.allclose(result.vectors[0], fake_vector(text))
+    assert batcher.stats.failed_batches == 0
+
+
+async def test_a_request_fails_if_any_of_its_texts_failed(backend: FakeBackend, gate: GatedRunner):
+    requests = [EIGHT[:2], EIGHT[2:5], EIGHT[5:]]
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            tasks = await one_batch(batcher, backend, gate, *requests)
+            backend.poison = {"t3"}
+            gate.open = True
+            gate.release()
+            first, second, third = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(second, InferenceFailed)
+    for texts, result in ((requests[0], first), (requests[2], third)):
+        assert result.vectors.shape == (len(texts), 8)
+        for row, text in zip(result.vectors, texts, strict=True):
+            assert np.allclose(row, fake_vector(text))
+    assert batcher.queued == 0
+
+
+async def test_shutdown_during_a_retry_fails_the_whole_batch_and_strands_nothing(
+    backend: FakeBackend, gate: GatedRunner
+):
+    with anyio.fail_after(5):
+        batcher = MicroBatcher(backend, BatchPolicy(max_texts=8), run_sync=gate)
+        batcher.start()
+        tasks = await one_batch(batcher, backend, gate, *([t] for t in EIGHT))
+        queued = spawn(batcher, "queued")
+        await settle()
+        backend.poison = {"t5"}
+        gate.release()  # the batch fails; its first half waits at the gate
+        await settle()
+        await gate.wait_for_waiting(1)
+        assert backend.batches == [EIGHT]
+        await batcher.aclose(grace_s=0)
+        results = await asyncio.gather(*tasks, queued, return_exceptions=True)
+    assert all(isinstance(r, ShuttingDown) for r in results), results
+    assert backend.batches == [EIGHT]
+    assert (batcher.queued, batcher.in_flight) == (0, 0)
