@@ -25,7 +25,7 @@ from embedserve.backend import Backend
 from embedserve.batcher import BatchPolicy
 from embedserve.errors import EmbedServeError, ValidationFailed
 from embedserve.limits import BodySizeLimit
-from embedserve.logs import AccessLog
+from embedserve.logs import ARRIVED_AT, AccessLog
 from embedserve.prometheus import PrometheusMetrics
 from embedserve.ratelimit import RateLimit, TokenBuckets
 from embedserve.registry import ModelRegistry
@@ -91,9 +91,6 @@ def policy_from(settings: Settings) -> BatchPolicy:
     )
 
 
-ARRIVED_AT = "embedserve.arrived_at"
-
-
 class _StampArrival:
     """Records when each request reached the app, so draining can tell old from new."""
 
@@ -111,9 +108,10 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await registry.start()
-        logger.info("ready: %s", ", ".join(registry.required) or "no required models")
         try:
+            # Inside the try: a required model that fails releases those already loaded.
+            await registry.start()
+            logger.info("ready: %s", ", ".join(registry.required) or "no required models")
             yield
         finally:
             registry.begin_shutdown()

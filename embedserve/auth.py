@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from embedserve.responses import error_response
@@ -124,7 +125,7 @@ class ApiKeyAuth:
             return
         if token is None:
             message = "missing API key: send the header 'Authorization: Bearer <key>'"
-            if _header(scope, b"x-api-key") is not None:
+            if "x-api-key" in Headers(scope=scope):
                 message += " (X-API-Key is not accepted)"
             error_type, challenge = "missing_api_key", REALM
         elif token == b"":
@@ -137,13 +138,6 @@ class ApiKeyAuth:
             401, message, error_type, {"WWW-Authenticate": challenge}, path=scope["path"]
         )
         await response(scope, receive, send)
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return bytes(value)
-    return None
 
 
 def _bearer_token(scope: Scope) -> bytes | None:
@@ -162,11 +156,10 @@ def _bearer_token(scope: Scope) -> bytes | None:
 
 def _is_preflight(scope: Scope) -> bool:
     """A CORS preflight, as browsers send it and as Starlette's CORSMiddleware detects it."""
-    return (
-        scope.get("method") == "OPTIONS"
-        and _header(scope, b"origin") is not None
-        and _header(scope, b"access-control-request-method") is not None
-    )
+    if scope.get("method") != "OPTIONS":
+        return False
+    headers = Headers(scope=scope)
+    return "origin" in headers and "access-control-request-method" in headers
 
 
 def exposure_warning(settings: Settings) -> str | None:

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -67,8 +67,6 @@ class BatcherStats:
 
     batches: int = 0
     texts: int = 0
-    rows: int = 0
-    padded_tokens: int = 0
     failed_batches: int = 0  # batches in which at least one text failed, after isolation
     dropped_texts: int = 0
     inference_s: float = 0.0
@@ -88,7 +86,7 @@ class _Request:
     submitted: float
     remaining: int
     inference_s: float = 0.0
-    batches: set[int] = field(default_factory=set)
+    last_batch: int = 0  # the latest batch that delivered to it (batches only count up)
 
 
 @dataclass(eq=False)
@@ -237,8 +235,7 @@ class MicroBatcher:
         is about to run out, so queued callers get a 503 rather than a cancelled request.
         """
         self._closing = True
-        leftovers, self._pending = self._pending, []
-        self._fail(leftovers, ShuttingDown())
+        self._fail_queued()
         self._wakeup.set()
 
     async def aclose(self, grace_s: float) -> None:
@@ -254,6 +251,9 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._fail_queued()
+
+    def _fail_queued(self) -> None:
         leftovers, self._pending = self._pending, []
         self._fail(leftovers, ShuttingDown())
 
@@ -417,28 +417,25 @@ class MicroBatcher:
         if request.future.done():
             return
         request.vectors[item.index] = row
-        if seq not in request.batches:
-            request.batches.add(seq)
+        if seq != request.last_batch:
+            request.last_batch = seq
             request.inference_s += elapsed
         request.remaining -= 1
         if request.remaining == 0:
-            total = self._clock() - request.submitted
-            self.stats.queue_s += max(0.0, total - request.inference_s)
+            queued_s = max(0.0, self._clock() - request.submitted - request.inference_s)
+            self.stats.queue_s += queued_s
             request.future.set_result(
                 EmbedResult(
                     vectors=np.stack([v for v in request.vectors if v is not None]),
                     token_counts=request.token_counts,
-                    queue_ms=max(0.0, total - request.inference_s) * 1000,
+                    queue_ms=queued_s * 1000,
                     inference_ms=request.inference_s * 1000,
                 )
             )
 
     def _record(self, batch: list[_Item], texts: list[str], elapsed: float, cycle: float) -> None:
-        longest = max(item.tokens for item in batch)
         self.stats.batches += 1
         self.stats.texts += len(batch)
-        self.stats.rows += len(texts)
-        self.stats.padded_tokens += len(texts) * longest
         self.stats.inference_s += elapsed
         per_text = cycle / len(batch)
         recent = self.stats.recent_s_per_text
@@ -447,7 +444,8 @@ class MicroBatcher:
         )
         if self._on_batch is not None:
             try:
-                self._on_batch(len(batch), len(texts) * longest, elapsed)
+                padded = len(texts) * max(item.tokens for item in batch)
+                self._on_batch(len(batch), padded, elapsed)
             except Exception:  # an observer's fault must not end the loop and strand callers
                 logger.exception("on_batch hook failed for model %s", self.backend.name)
 

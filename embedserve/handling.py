@@ -13,7 +13,7 @@ from starlette.requests import Request
 
 from embedserve.batcher import EmbedResult
 from embedserve.errors import UnsupportedMediaType
-from embedserve.logs import MODEL_KEY, TEXTS_KEY
+from embedserve.logs import ARRIVED_AT, MODEL_KEY, TEXTS_KEY
 from embedserve.registry import ModelRegistry
 from embedserve.schemas import parse_json
 from embedserve.settings import Settings
@@ -57,10 +57,13 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})  # let the cancellation land: its texts leave the queue
+        # Both cancellations land before we return: the watcher stops reading the request,
+        # and the work's texts leave the queue.
+        pending = {t for t in (task, watcher) if not t.done()}
+        for left in pending:
+            left.cancel()
+        if pending:
+            await asyncio.wait(pending)
     if task.cancelled():
         raise ClientGone()
     return task.result()
@@ -76,7 +79,7 @@ async def run_embed(request: Request, model: str, texts: list[str]) -> tuple[Emb
     request.scope[TEXTS_KEY] = len(texts)
     started = time.perf_counter()
     try:
-        arrived_at = request.scope.get("embedserve.arrived_at")
+        arrived_at = request.scope.get(ARRIVED_AT)
         work = registry.embed(model, texts, arrived_at=arrived_at)
         result = await unless_disconnected(request, work)
     except ClientGone:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedserve.errors import BodyTimeout, BodyTooLarge
@@ -47,8 +48,9 @@ class BodySizeLimit:
         await self.app(scope, self._guarded(scope, receive), send)
 
     def _guarded(self, scope: Scope, receive: Receive) -> Receive:
-        declared = _content_length(scope)
-        waits_for_continue = _header(scope, b"expect") == b"100-continue"
+        headers = Headers(scope=scope)
+        declared = _content_length(headers)
+        waits_for_continue = headers.get("expect", "").strip().lower() == "100-continue"
         loop = asyncio.get_running_loop()
         deadline = None if self.timeout_s is None else loop.time() + self.timeout_s
         seen = 0
@@ -115,16 +117,9 @@ class BodySizeLimit:
         return error
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return bytes(value).strip().lower()
-    return None
-
-
-def _content_length(scope: Scope) -> int | None:
-    value = _header(scope, b"content-length")
-    if value is None or not value.isdigit():
+def _content_length(headers: Headers) -> int | None:
+    value = headers.get("content-length", "").strip()
+    if not (value.isascii() and value.isdigit()):
         return None  # absent; anything else the HTTP server refuses before it gets here
     # Not int() on any length: past 4300 digits Python refuses the conversion, and 19
     # digits are past every limit already.

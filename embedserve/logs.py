@@ -31,6 +31,8 @@ ACCESS_LOGGER = logging.getLogger("embedserve.access")
 # Handlers that know which model a request used put it in the scope under these keys.
 MODEL_KEY = "embedserve.model"
 TEXTS_KEY = "embedserve.texts"
+# When the request reached the app (time.monotonic()), so draining can tell old from new.
+ARRIVED_AT = "embedserve.arrived_at"
 
 # ``(endpoint, status, seconds, error_type)``, called once per answered request.
 RequestHook = Callable[[str, int, float, str | None], None]

@@ -95,6 +95,11 @@ class RateLimit:
         self.app = app
         self.buckets = buckets
         self.trusted = parse_networks(trusted_proxies)
+        # The headers that depend only on the settings, built once.
+        self._fixed_headers = {
+            "RateLimit-Limit": str(buckets.capacity),
+            "RateLimit-Policy": f"{buckets.capacity};w={buckets.period_s:g}",
+        }
 
     def client_key(self, scope: Scope) -> str:
         """The bucket a request spends from: its key's digest, else its address (IPv6: /64)."""
@@ -116,10 +121,9 @@ class RateLimit:
             return
         verdict = self.buckets.take(self.client_key(scope))
         headers = {
-            "RateLimit-Limit": str(self.buckets.capacity),
+            **self._fixed_headers,
             "RateLimit-Remaining": str(verdict.remaining),
             "RateLimit-Reset": str(math.ceil(verdict.reset_s)),
-            "RateLimit-Policy": f"{self.buckets.capacity};w={self.buckets.period_s:g}",
         }
         if not verdict.allowed:
             retry_after = max(1, math.ceil(verdict.retry_after_s))

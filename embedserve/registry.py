@@ -105,6 +105,7 @@ class ModelRegistry:
         self._closing = False
         self._shutdown_at = float("inf")
         self._expiry: asyncio.Task[None] | None = None
+        self._expired = False  # past the point where queued work is answered 503
         self.evictions = 0
         self.offloads = 0
 
@@ -171,16 +172,18 @@ class ModelRegistry:
         self, name: str, arrived_at: float | None, deadline: float | None
     ) -> ModelEntry:
         """The loaded entry for `name` with one lease taken, sharing one load among callers."""
-        if self._closing and (arrived_at is None or arrived_at >= self._shutdown_at):
+        if self._expired or (
+            self._closing and (arrived_at is None or arrived_at >= self._shutdown_at)
+        ):
             raise ShuttingDown()
         entry = self._models.get(name)
         if entry is None:
-            spec = self.resolve(name)
             failure = self._failures.get(name)
             if failure is not None and self._clock() - failure[0] < self._load_retry_s:
                 raise type(failure[1])(failure[1].message)
             task = self._loading.get(name)
-            if task is None:
+            if task is None:  # only a new load reads the model's files (on the loop)
+                spec = self.resolve(name)
                 task = asyncio.get_running_loop().create_task(self._load(spec), name=f"load:{name}")
                 self._loading[name] = task
             # Waiters protect the new entry from eviction until they hold their lease.
@@ -217,6 +220,8 @@ class ModelRegistry:
             on_batch = partial(self.observer.on_batch, spec.name) if self.observer else None
             batcher = MicroBatcher(backend, self.policy, run_sync=self._run_sync, on_batch=on_batch)
             batcher.start()
+            if self._expired:  # loaded after the expiry: it takes no work, like the others
+                batcher.expire()
         except BaseException as exc:
             if backend is not None:
                 closing = backend
@@ -282,6 +287,9 @@ class ModelRegistry:
 
     def sweep(self) -> list[str]:
         """Offload models unused for the TTL; returns their names. Run by the sweeper task."""
+        # A model over capacity whose last request left while its batch ran (the lease ended
+        # before the batcher drained) goes now, if nothing else has evicted it since.
+        self._enforce_capacity()
         now = self._clock()
         expired = [
             e
@@ -363,6 +371,7 @@ class ModelRegistry:
 
     async def _expire(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
+        self._expired = True
         for entry in list(self._models.values()):
             entry.batcher.expire()
 

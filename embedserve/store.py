@@ -125,9 +125,7 @@ class ModelStore:
 
     def model_dir(self, name: str) -> Path:
         """The directory for `name` under the root; raises InvalidModelName for unsafe names."""
-        validate_model_name(name)
-        if name.split("/")[0] in _RESERVED:
-            raise InvalidModelName("invalid model name: reserved")
+        validate_model_name(name)  # also keeps out .cache and .staging: no part starts with "."
         root = self.root.resolve()
         path = (root / name).resolve()
         if not path.is_relative_to(root) or path == root:

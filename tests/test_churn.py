@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.loadclient import proc_status
 from tests.reliability import Recorder
 from tests.serverutil import (
     DEFAULT_MODEL,
@@ -57,11 +58,6 @@ RESIDUAL_SHARE = 0.5
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def churn_models(exported_model: Path) -> Iterator[Path]:
     """A models directory holding the exported model and `COPIES` of it under other names.
 
@@ -90,11 +86,8 @@ def churn_models(exported_model: Path) -> Iterator[Path]:
 
 
 def rss_mib(pid: int) -> float:
-    """Resident set size of process `pid` in MiB (VmRSS from /proc)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmRSS:\s+(\d+)\s+kB", status, re.MULTILINE)
-    assert match, status
-    return int(match.group(1)) / 1024
+    """Resident set size of process `pid` in MiB."""
+    return proc_status(pid)["VmRSS"] / 2**20
 
 
 async def settled_rss(pid: int, samples: int = 5, interval_s: float = 0.2) -> float:

@@ -31,11 +31,6 @@ from tests.serverutil import require_exported_model, running_server
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 # -- chunking ------------------------------------------------------------------------------
 def test_short_paragraphs_share_a_chunk() -> None:
     assert chunk_text("One.\n\nTwo.\n\n\nThree.", max_chars=100) == ["One.\nTwo.\nThree."]

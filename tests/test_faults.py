@@ -43,11 +43,6 @@ HTTP_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 INTERNALS = ("onnxruntime", "INVALID_PROTOBUF", "InvalidProtobuf", "NonFinite", "InjectedFault")
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def assert_clean(text: str, *paths: Path) -> None:
     """No stack trace, server path or library internals in an answer."""
     assert_no_leak(text, paths=paths)

@@ -601,7 +601,15 @@ async def test_traversal_and_unlisted_names_load_nothing_and_touch_no_file(
     wrong: list[str] = []
     statuses: list[int] = []
     touched: list[tuple[str, str, str]] = []
-    requests = 0
+
+    def judge(label: str, answers: list[Any], seen: Any, echoed: str, status: int) -> None:
+        """Note what answering `label` touched; check every answer refused it with `status`."""
+        touched.extend((label, event, path) for event, path in seen)
+        for target, answer in answers:
+            statuses.append(answer.status)
+            assert_no_leak(answer.body, paths=[models], echoed=[echoed])
+            if (why := _check_refused(target, answer, label, status)) is not None:
+                wrong.append(why)
 
     # Without an allow-list: every hostile name is invalid (400; 404 on the model paths).
     async with serve() as api:
@@ -609,26 +617,14 @@ async def test_traversal_and_unlisted_names_load_nothing_and_touch_no_file(
         for name in HOSTILE_NAMES:
             with file_accesses(monkeypatch) as seen:
                 answers = await _name_requests(api.app, name)
-            touched += [(name, event, path) for event, path in seen]
-            for target, answer in answers:
-                requests += 1
-                statuses.append(answer.status)
-                assert_no_leak(answer.body, paths=[models], echoed=[name])
-                if (why := _check_refused(target, answer, name, 400)) is not None:
-                    wrong.append(why)
+            judge(name, answers, seen, name, 400)
         for raw in RAW_TARGETS:
             with file_accesses(monkeypatch) as seen:
                 answers = [
                     (prefix, await call(api.app, "GET", prefix + raw))
                     for prefix in (b"/models/", b"/v1/models/")
                 ]
-            touched += [(raw.decode(), event, path) for event, path in seen]
-            for target, answer in answers:
-                requests += 1
-                statuses.append(answer.status)
-                assert_no_leak(answer.body, paths=[models], echoed=[unquote(raw.decode())])
-                if (why := _check_refused(target, answer, raw.decode(), 400)) is not None:
-                    wrong.append(why)
+            judge(raw.decode(), answers, seen, unquote(raw.decode()), 400)
         # The control: a valid name that is not there is looked for, inside the models dir.
         with file_accesses(monkeypatch) as control:
             missing = await call(
@@ -645,13 +641,7 @@ async def test_traversal_and_unlisted_names_load_nothing_and_touch_no_file(
         for name in unlisted:
             with file_accesses(monkeypatch) as seen:
                 answers = await _name_requests(api.app, name)
-            touched += [(name, event, path) for event, path in seen]
-            for target, answer in answers:
-                requests += 1
-                statuses.append(answer.status)
-                assert_no_leak(answer.body, paths=[models], echoed=[name])
-                if (why := _check_refused(target, answer, name, 403)) is not None:
-                    wrong.append(why)
+            judge(name, answers, seen, name, 403)
         loads_listed = list(api.loader.calls)
 
     outside = [t for t in touched if not inside_or_above(t[2], root)]
@@ -671,7 +661,7 @@ async def test_traversal_and_unlisted_names_load_nothing_and_touch_no_file(
         ),
         amount=(
             f"{len(HOSTILE_NAMES)} hostile names, {len(RAW_TARGETS)} raw paths, "
-            f"{len(unlisted)} unlisted names: {requests} requests"
+            f"{len(unlisted)} unlisted names: {len(statuses)} requests"
         ),
         outcome=(
             f"{tally(statuses)}; {len(wrong)} unexpected; load attempts beyond the required "

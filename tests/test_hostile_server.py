@@ -24,6 +24,7 @@ import orjson
 import pytest
 
 from tests.leaks import assert_no_leak
+from tests.loadclient import proc_status
 from tests.reliability import Recorder
 from tests.serverutil import ServerProcess, running_server
 
@@ -55,12 +56,8 @@ def server(
 
 def rss_mib(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) of process `pid` in MiB: resident now, and the peak so far."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024  # kB
-    return fields["VmRSS"], fields["VmHWM"]
+    status = proc_status(pid)
+    return status["VmRSS"] / MIB, status["VmHWM"] / MIB
 
 
 def open_fds(pid: int) -> int:

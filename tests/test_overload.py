@@ -37,11 +37,6 @@ RSS_GROWTH_BOUND = 256 * 2**20
 LONE_REQUEST_BOUND_S = 1.0
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @dataclass
 class Samples:
     """What the test saw of the server while the load ran."""

@@ -35,11 +35,6 @@ CATALOGUE = frozenset({"org/a", "org/b", "org/c", "org/slow", "org/fast", "org/b
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def loader() -> FakeLoader:
     return FakeLoader()
 
@@ -314,3 +309,39 @@ async def test_callers_gone_while_queued_or_running_leave_nothing_behind(tmp_pat
         await registry.wait_released()
         assert registry.loaded_names() == ["org/b"]
         assert loader.backends["org/a"].closed
+
+
+async def test_a_model_loaded_after_the_expiry_takes_no_work(tmp_path, loader, clock):
+    loader.gates["org/slow"] = gate = threading.Event()
+    async with registry_for(tmp_path, loader, clock) as registry:
+        arrived = time.monotonic()  # both requests arrived before the signal
+        waiting = asyncio.ensure_future(registry.embed("org/slow", ["x"], arrived_at=arrived))
+        await until(lambda: loader.calls)
+        registry.expire_queued_after(0)
+        await until(lambda: registry._expiry is not None and registry._expiry.done())
+        with pytest.raises(ShuttingDown):  # a new load is not even started
+            await registry.embed("org/a", ["y"], arrived_at=arrived)
+        gate.set()
+        with pytest.raises(ShuttingDown):  # the load finished, but its batcher takes nothing
+            await waiting
+        assert loader.calls == ["org/slow"]
+
+
+async def test_a_model_left_over_capacity_by_a_departed_client_goes_at_the_next_sweep(
+    tmp_path, loader, clock
+):
+    async with registry_for(tmp_path, loader, clock, max_models=1) as registry:
+        await registry.embed("org/a", ["warm"])
+        hold = loader.backends["org/a"].hold = threading.Event()
+        gone = asyncio.ensure_future(registry.embed("org/a", ["in flight"]))
+        await until(lambda: registry.describe("org/a").in_flight == 1)
+        gone.cancel()  # its lease ends while its batch still runs
+        clock.advance(1)
+        await registry.embed("org/b", ["new"])  # over capacity: org/a is busy, so it stays
+        hold.set()
+        await until(lambda: registry.describe("org/a").in_flight == 0)
+        assert sorted(registry.loaded_names()) == ["org/a", "org/b"]
+        registry.sweep()
+        await registry.wait_released()
+        assert registry.loaded_names() == ["org/b"]
+        assert registry.evictions == 1

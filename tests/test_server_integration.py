@@ -38,11 +38,6 @@ EXIT_MARGIN_S = 10.0
 HTTP_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def model_dir(exported_model: Path) -> Path:
     return exported_model

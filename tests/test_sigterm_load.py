@@ -33,11 +33,6 @@ READ_LAG_S = 0.5
 EXIT_MARGIN_S = 2.0
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def classify(result: LoadResult, signalled: float) -> dict[str, int]:
     """Counts of the attempts by when they were sent (before/after the signal) and outcome."""
     counts = {

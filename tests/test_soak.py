@@ -33,11 +33,6 @@ MAX_RSS_GROWTH = 0.05
 SETTLE_S = 10.0
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @dataclass
 class Snapshot:
     """The server's resources at one moment."""
