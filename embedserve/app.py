@@ -56,6 +56,9 @@ def build_registry(
         cache_dir=store.cache_dir(),
         threads=settings.ort_threads,
         offline=settings.offline,
+        packing=settings.enable_packing,
+        row_tokens=settings.pack_row_tokens or None,
+        ort_spinning=settings.ort_spinning,
     )
 
     def loader(spec: ModelSpec) -> Backend:
@@ -88,6 +91,7 @@ def policy_from(settings: Settings) -> BatchPolicy:
         max_wait_s=settings.batch_max_wait_ms / 1000,
         max_queue=settings.max_queue_size,
         enabled=settings.enable_batching,
+        lookahead=settings.pack_lookahead,
     )
 
 

@@ -24,6 +24,8 @@ from embedserve.store import Manifest, ModelFileMismatch, ModelSpec, verify_mode
 logger = logging.getLogger(__name__)
 
 Vectors = npt.NDArray[np.float32]
+# A text's token ids as the model runs them (specials included, truncation applied).
+TokenIds = Sequence[int]
 
 # FastEmbed keeps custom models in class-level lists; registration is not thread-safe.
 _REGISTRATION_LOCK = threading.Lock()
@@ -32,20 +34,28 @@ _REGISTRATION_LOCK = threading.Lock()
 class Backend(Protocol):
     """A loaded model. `embed` blocks for milliseconds: call it from a worker thread.
 
-    `count_tokens` is cheap for short texts (tens of microseconds) and may run on the event
-    loop for them; callers move large inputs to a worker thread.
+    `tokenize` is cheap for short texts (tens of microseconds) and may run on the event
+    loop for them; callers move large inputs to a worker thread. `packed` says how the batcher
+    should plan: False, texts of one batch are padded to the longest (plan by length); True,
+    texts are packed into rows of `row_tokens` slots (see `packed.PackedBackend`).
     """
 
     name: str
     dimension: int
     max_tokens: int
+    packed: bool
+    row_tokens: int
 
-    def embed(self, texts: Sequence[str]) -> Vectors:
-        """Embed `texts` as one batch: float32 array of shape (len(texts), dimension)."""
+    def embed(self, texts: Sequence[str], tokens: Sequence[TokenIds] | None = None) -> Vectors:
+        """Embed `texts` as one batch: float32 array of shape (len(texts), dimension).
+
+        `tokens`, when given, is `tokenize(texts)`: a backend that can run ids uses them
+        instead of tokenising again.
+        """
         ...
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens each text occupies in a batch (specials included, truncation applied)."""
+    def tokenize(self, texts: Sequence[str]) -> list[TokenIds]:
+        """Each text's token ids as a batch runs them (specials included, truncation applied)."""
         ...
 
     def close(self) -> None:
@@ -58,7 +68,13 @@ class NonFiniteEmbedding(RuntimeError):
 
 
 class FastEmbedBackend:
-    """A FastEmbed `TextEmbedding` plus an unpadded copy of its tokenizer for counting."""
+    """A FastEmbed `TextEmbedding` plus an unpadded copy of its tokenizer for counting.
+
+    FastEmbed takes texts, not ids, so a text is tokenised twice here: once to plan (by
+    length), once by FastEmbed to run. The packed backend runs the planning ids themselves.
+    """
+
+    packed = False
 
     def __init__(self, name: str, model: Any) -> None:
         self.name = name
@@ -74,8 +90,9 @@ class FastEmbedBackend:
         truncation = self._tokenizer.truncation
         self.max_tokens = int(truncation["max_length"]) if truncation else 512
         self.dimension = int(model.embedding_size)
+        self.row_tokens = self.max_tokens
 
-    def embed(self, texts: Sequence[str]) -> Vectors:
+    def embed(self, texts: Sequence[str], tokens: Sequence[TokenIds] | None = None) -> Vectors:
         if self._model is None:
             raise RuntimeError(f"model {self.name} is closed")
         rows = list(self._model.embed(list(texts), batch_size=max(1, len(texts))))
@@ -86,20 +103,20 @@ class FastEmbedBackend:
             raise NonFiniteEmbedding(f"model {self.name} produced non-finite embeddings")
         return vectors
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+    def tokenize(self, texts: Sequence[str]) -> list[TokenIds]:
         if len(texts) == 1:
             # `encode` keeps the GIL; `encode_batch` releases it and, on the event loop,
             # then waits up to the interpreter's switch interval (5 ms) to get it back.
-            return [len(self._tokenizer.encode(texts[0]).ids)]
-        return [len(e.ids) for e in self._tokenizer.encode_batch(list(texts))]
+            return [self._tokenizer.encode(texts[0]).ids]
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts))]
 
     def close(self) -> None:
         self._model = None
         gc.collect()
-        _return_freed_memory()
+        return_freed_memory()
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Ask glibc to hand freed heap back to the OS, so an offloaded model's RSS really drops."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -178,9 +195,28 @@ def load_catalogue(
         ) from exc
 
 
-def load_spec(spec: ModelSpec, *, cache_dir: Path, threads: int | None, offline: bool) -> Backend:
-    """Load whatever `spec` points at: an imported directory or a catalogue model."""
+def load_spec(
+    spec: ModelSpec,
+    *,
+    cache_dir: Path,
+    threads: int | None,
+    offline: bool,
+    packing: bool = True,
+    row_tokens: int | None = None,
+    ort_spinning: bool = False,
+) -> Backend:
+    """Load whatever `spec` points at: an imported directory or a catalogue model.
+
+    An imported model with a packed graph runs packed (rows of `row_tokens`, default its
+    token limit) unless `packing` is False; everything else runs FastEmbed's padded path.
+    """
     if spec.source == "local" and spec.directory is not None and spec.manifest is not None:
+        if packing and spec.manifest.packed:
+            from embedserve.packed import load_packed
+
+            return load_packed(
+                spec.directory, spec.manifest, threads, row_tokens, spinning=ort_spinning
+            )
         return load_local(spec.directory, spec.manifest, threads)
     return load_catalogue(spec.name, cache_dir, threads, offline)
 

@@ -19,9 +19,9 @@ import anyio
 import anyio.to_thread
 import numpy as np
 
-from embedserve.backend import Backend, Vectors
+from embedserve.backend import Backend, TokenIds, Vectors
 from embedserve.errors import InferenceFailed, Overloaded, RequestTimeout, ShuttingDown
-from embedserve.planner import BatchLimits, plan_batch
+from embedserve.planner import BatchLimits, PackLimits, packed_slots, plan_batch, plan_packed
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,12 @@ RECENT_WEIGHT = 0.2
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    """How the batcher forms batches. `enabled=False` runs one text per inference."""
+    """How the batcher forms batches. `enabled=False` runs one text per inference.
+
+    `token_budget` caps the token slots one batch computes: texts x longest for a padded
+    backend, rows x row length for a packed one (so budget // row length rows).
+    `min_fill` applies to padded batches only, `lookahead` to packed ones.
+    """
 
     max_texts: int = 64
     token_budget: int = 512
@@ -49,6 +54,7 @@ class BatchPolicy:
     max_wait_s: float = 0.0
     max_queue: int = 1024
     enabled: bool = True
+    lookahead: int = 256
 
 
 @dataclass(frozen=True)
@@ -61,12 +67,24 @@ class EmbedResult:
     inference_ms: float
 
 
+@dataclass(frozen=True)
+class BatchRecord:
+    """One model batch, as observers see it (`on_batch`)."""
+
+    texts: int  # texts delivered from it, duplicates included
+    real_tokens: int  # tokens of its distinct texts
+    slot_tokens: int  # token slots computed (padding included): fill = real / slots
+    seconds: float
+
+
 @dataclass
 class BatcherStats:
     """Running totals, owned and updated only by the batcher's loop."""
 
     batches: int = 0
     texts: int = 0
+    real_tokens: int = 0  # tokens of the distinct texts run
+    slot_tokens: int = 0  # token slots computed for them (padding included)
     failed_batches: int = 0  # batches in which at least one text failed, after isolation
     dropped_texts: int = 0
     inference_s: float = 0.0
@@ -76,6 +94,11 @@ class BatcherStats:
     @property
     def mean_batch_size(self) -> float:
         return self.texts / self.batches if self.batches else 0.0
+
+    @property
+    def mean_fill(self) -> float:
+        """Share of the computed token slots that held real tokens (1.0: no padding)."""
+        return self.real_tokens / self.slot_tokens if self.slot_tokens else 0.0
 
 
 @dataclass(eq=False)
@@ -94,7 +117,7 @@ class _Item:
     request: _Request
     index: int
     text: str
-    tokens: int
+    ids: TokenIds
 
 
 class MicroBatcher:
@@ -117,12 +140,20 @@ class MicroBatcher:
         *,
         run_sync: RunSync[Any] | None = None,
         clock: Callable[[], float] = time.perf_counter,
-        on_batch: Callable[[int, int, float], None] | None = None,
+        on_batch: Callable[[BatchRecord], None] | None = None,
     ) -> None:
         self.backend = backend
         self.policy = policy
         self.stats = BatcherStats()
         self._limits = BatchLimits(policy.max_texts, policy.token_budget, policy.min_fill)
+        self._packed = bool(getattr(backend, "packed", False))
+        row_tokens = int(getattr(backend, "row_tokens", 0) or backend.max_tokens)
+        self._pack_limits = PackLimits(
+            row_tokens=row_tokens,
+            max_rows=max(1, policy.token_budget // row_tokens),
+            max_texts=policy.max_texts,
+            lookahead=policy.lookahead,
+        )
         self._run_sync: RunSync[Any] = run_sync or anyio.to_thread.run_sync
         self._clock = clock
         self._on_batch = on_batch
@@ -175,19 +206,19 @@ class MicroBatcher:
         self._admit(len(texts), timeout_s)
         if sum(map(len, texts)) > INLINE_TOKENIZE_CHARS:
             # Tokenising long texts takes milliseconds: keep it off the event loop.
-            counts = await anyio.to_thread.run_sync(self.backend.count_tokens, texts)
+            ids = await anyio.to_thread.run_sync(self.backend.tokenize, texts)
             self._admit(len(texts), timeout_s)  # the queue may have filled meanwhile
         else:
-            counts = self.backend.count_tokens(texts)
+            ids = self.backend.tokenize(texts)
         future: asyncio.Future[EmbedResult] = asyncio.get_running_loop().create_future()
         request = _Request(
             future=future,
             vectors=[None] * len(texts),
-            token_counts=list(counts),
+            token_counts=[len(x) for x in ids],
             submitted=self._clock(),
             remaining=len(texts),
         )
-        pairs = zip(texts, counts, strict=True)
+        pairs = zip(texts, ids, strict=True)
         self._pending.extend(_Item(request, i, text, n) for i, (text, n) in enumerate(pairs))
         future.add_done_callback(self._forget_if_cancelled)
         self._wakeup.set()
@@ -276,12 +307,35 @@ class MicroBatcher:
                 self._drop_cancelled()
                 if not self._pending:
                     continue
-            await self._run_one_batch()
+            await self._run_guarded()
             if self._pending:
                 self._wakeup.set()
             else:
                 self._busy_since = None  # idle from here: the wait for work is not the pace
                 self._drained.set()
+
+    async def _run_guarded(self) -> None:
+        """One batch, with the loop's own faults contained: a bug in planning, bookkeeping or
+        delivery fails only the requests of that batch (logged), and the loop serves on.
+        Without this, one such exception would end the loop task silently and every later
+        request on the model would wait for its timeout while /health says ready."""
+        batch: list[_Item] = []
+        try:
+            batch = self._take_batch()
+            await self._run_one_batch(batch)
+        except Exception:
+            if not batch and self._pending:
+                # Planning itself failed: fail the oldest text's request, so the queue
+                # still moves when the fault repeats.
+                batch = [self._pending.pop(0)]
+            logger.exception(
+                "batcher for model %s failed outside the model call; failing %d texts",
+                self.backend.name,
+                len(batch),
+            )
+            self._in_flight = 0
+            self._fail(batch, InferenceFailed(f"inference failed for model {self.backend.name}"))
+            self.stats.failed_batches += 1
 
     def _forget_if_cancelled(self, future: asyncio.Future[EmbedResult]) -> None:
         # A caller that gave up (client gone, timeout) leaves the queue at once, so the
@@ -300,31 +354,41 @@ class MicroBatcher:
         self._pending = live
 
     def _take_batch(self) -> list[_Item]:
+        pending = self._pending
         if not self.policy.enabled:
             chosen = [0]
+        elif self._packed:
+            chosen = plan_packed(
+                [len(item.ids) for item in pending],
+                [item.text for item in pending],
+                self._pack_limits,
+            )
         else:
             chosen = plan_batch(
-                [item.tokens for item in self._pending],
-                [item.text for item in self._pending],
+                [len(item.ids) for item in pending],
+                [item.text for item in pending],
                 self._limits,
             )
+        if len(chosen) == len(pending):
+            self._pending = []
+            return pending
         taken = set(chosen)
-        batch = [self._pending[i] for i in chosen]
-        self._pending = [item for i, item in enumerate(self._pending) if i not in taken]
-        return batch
+        self._pending = [item for i, item in enumerate(pending) if i not in taken]
+        return [pending[i] for i in chosen]
 
-    async def _run_one_batch(self) -> None:
-        batch = self._take_batch()
+    async def _run_one_batch(self, batch: list[_Item]) -> None:
         self._batch_seq += 1
         seq = self._batch_seq
+        # The distinct texts, in order of arrival (the order the planner packed them in).
+        units = {item.text: item.ids for item in reversed(batch)}
         texts = list(dict.fromkeys(item.text for item in batch))
         rows: dict[str, Vectors] = {}
         self._in_flight = len(batch)
         started = self._clock()
         since = self._busy_since if self._busy_since is not None else started
         try:
-            error = await self._embed(texts, rows)
-            failed = await self._isolate(texts, rows, []) if error is not None else []
+            error = await self._embed(texts, units, rows)
+            failed = await self._isolate(texts, units, rows, []) if error is not None else []
         except BaseException:
             # The loop itself is being cancelled (shutdown past its grace period), perhaps
             # mid-retry: nothing was delivered yet, so the whole batch fails.
@@ -354,15 +418,19 @@ class MicroBatcher:
                 error,
             )
         if rows:  # a batch that embedded nothing is only counted in failed_batches
-            self._record(batch, texts, elapsed, self._busy_since - since)
+            self._record(batch, texts, units, elapsed, self._busy_since - since)
         for item in batch:
-            if item.text in rows:
-                self._deliver(item, rows[item.text], seq, elapsed)
+            row = rows.get(item.text)
+            if row is not None:
+                self._deliver(item, row, seq, elapsed)
 
-    async def _embed(self, texts: list[str], rows: dict[str, Vectors]) -> Exception | None:
+    async def _embed(
+        self, texts: list[str], units: dict[str, TokenIds], rows: dict[str, Vectors]
+    ) -> Exception | None:
         """Run the backend on `texts` once; add their rows to `rows`, or return its error."""
+        tokens = [units[text] for text in texts]
         try:
-            vectors: Vectors = await self._run_sync(lambda: self.backend.embed(texts))
+            vectors: Vectors = await self._run_sync(lambda: self.backend.embed(texts, tokens))
             if vectors.shape[0] != len(texts):
                 raise RuntimeError(f"backend returned {vectors.shape[0]} rows for {len(texts)}")
         except Exception as exc:
@@ -371,7 +439,11 @@ class MicroBatcher:
         return None
 
     async def _isolate(
-        self, texts: list[str], rows: dict[str, Vectors], health: list[bool]
+        self,
+        texts: list[str],
+        units: dict[str, TokenIds],
+        rows: dict[str, Vectors],
+        health: list[bool],
     ) -> list[str]:
         """Find the texts to blame in `texts`, on which the backend has just raised.
 
@@ -388,7 +460,7 @@ class MicroBatcher:
             return texts
         middle = len(texts) // 2
         halves = (texts[:middle], texts[middle:])
-        errors = [await self._embed(half, rows) for half in halves]
+        errors = [await self._embed(half, units, rows) for half in halves]
         both_failed = all(error is not None for error in errors)
         # Two single texts that both failed are both to blame either way: no probe needed.
         if both_failed and len(texts) > 2 and not await self._healthy(health):
@@ -396,13 +468,14 @@ class MicroBatcher:
         failed: list[str] = []
         for half, error in zip(halves, errors, strict=True):
             if error is not None:
-                failed += await self._isolate(half, rows, health)
+                failed += await self._isolate(half, units, rows, health)
         return failed
 
     async def _healthy(self, health: list[bool]) -> bool:
         """Whether the backend embeds `PROBE_TEXT`; asked once, kept in `health`."""
         if not health:
-            health.append(await self._embed([PROBE_TEXT], {}) is None)
+            probe = {PROBE_TEXT: self.backend.tokenize([PROBE_TEXT])[0]}
+            health.append(await self._embed([PROBE_TEXT], probe, {}) is None)
         return health[0]
 
     def _fail(self, batch: list[_Item], error: Exception) -> None:
@@ -433,19 +506,34 @@ class MicroBatcher:
                 )
             )
 
-    def _record(self, batch: list[_Item], texts: list[str], elapsed: float, cycle: float) -> None:
-        self.stats.batches += 1
-        self.stats.texts += len(batch)
-        self.stats.inference_s += elapsed
+    def _record(
+        self,
+        batch: list[_Item],
+        texts: list[str],
+        units: dict[str, TokenIds],
+        elapsed: float,
+        cycle: float,
+    ) -> None:
+        lengths = [len(units[text]) for text in texts]
+        real = sum(lengths)
+        if self._packed:
+            slots = packed_slots(lengths, self._pack_limits.row_tokens)
+        else:
+            slots = len(lengths) * max(lengths)
+        stats = self.stats
+        stats.batches += 1
+        stats.texts += len(batch)
+        stats.real_tokens += real
+        stats.slot_tokens += slots
+        stats.inference_s += elapsed
         per_text = cycle / len(batch)
-        recent = self.stats.recent_s_per_text
-        self.stats.recent_s_per_text = (
+        recent = stats.recent_s_per_text
+        stats.recent_s_per_text = (
             per_text if recent is None else recent + RECENT_WEIGHT * (per_text - recent)
         )
         if self._on_batch is not None:
             try:
-                padded = len(texts) * max(item.tokens for item in batch)
-                self._on_batch(len(batch), padded, elapsed)
+                self._on_batch(BatchRecord(len(batch), real, slots, elapsed))
             except Exception:  # an observer's fault must not end the loop and strand callers
                 logger.exception("on_batch hook failed for model %s", self.backend.name)
 

@@ -19,6 +19,8 @@ class ModelInfo:
     source: str | None = None
     dimension: int | None = None
     max_tokens: int | None = None
+    packed: bool | None = None  # runs packed; None while not loaded
+    packed_graph: bool | None = None  # its files include a packed graph; None: catalogue
     load_time_s: float | None = None
     loaded_at: str | None = None
     last_used: str | None = None
@@ -55,6 +57,8 @@ class ModelEntry:
             source=self.spec.source,
             dimension=self.backend.dimension,
             max_tokens=self.backend.max_tokens,
+            packed=bool(getattr(self.backend, "packed", False)),
+            packed_graph=self.spec.manifest.packed if self.spec.manifest else None,
             load_time_s=round(self.load_time_s, 4),
             loaded_at=_iso(self.loaded_at),
             last_used=_iso(self.last_used_wall),
@@ -65,6 +69,9 @@ class ModelEntry:
                 "batches": stats.batches,
                 "texts": stats.texts,
                 "mean_batch_size": round(stats.mean_batch_size, 3),
+                "mean_fill": round(stats.mean_fill, 4),
+                "real_tokens": stats.real_tokens,
+                "slot_tokens": stats.slot_tokens,
                 "failed_batches": stats.failed_batches,
                 "dropped_texts": stats.dropped_texts,
                 "inference_s": round(stats.inference_s, 4),

@@ -1,12 +1,20 @@
-"""Batch forming: choose which queued texts run together, under a padded-token budget.
+"""Batch forming: choose which queued texts run together. Pure functions, no asyncio.
 
-Pure functions over lengths, no asyncio. A model batch pads every text to the longest one,
-so cost follows ``texts x longest``: mixing a 250-token text with 5-token texts makes all of
-them pay for 250. The planner therefore anchors each batch on the oldest waiting text (no
-starvation) and grows it with the texts closest to it in length, while the padded size stays
-within the budget and mostly real tokens (measured on 2 cores with MiniLM and a 64-text
-window of mixed lengths: budget 512 with a fill floor of 0.85 ran 403 texts/s, against 377
-without the floor and 317 at budget 1024).
+Two shapes of batch, one per kind of backend:
+
+- **Packed** (`plan_packed`, `pack_rows`): several texts share one row of the model input, one
+  after another, so a batch costs its rows x the longest row, whatever the mix of lengths.
+  The planner fills rows first-fit from the oldest waiting text on (which is always taken, so
+  nothing starves), looking at most `lookahead` distinct texts past it.
+- **Padded** (`plan_batch`): a model batch pads every text to the longest one, so cost follows
+  ``texts x longest``: mixing a 250-token text with 5-token texts makes all of them pay for
+  250. The planner therefore anchors each batch on the oldest waiting text (no starvation)
+  and grows it with the texts closest to it in length, while the padded size stays within the
+  budget and mostly real tokens (measured on 2 cores with MiniLM and a 64-text window of
+  mixed lengths: budget 512 with a fill floor of 0.85 ran 403 texts/s, against 377 without
+  the floor and 317 at budget 1024).
+
+In both, identical texts share one row (or segment) and cost nothing more.
 """
 
 from __future__ import annotations
@@ -80,3 +88,81 @@ def plan_batch(lengths: Sequence[int], keys: Sequence[str], limits: BatchLimits)
 def padded_tokens(lengths: Sequence[int]) -> int:
     """Padded size of a batch of texts with these token counts."""
     return len(lengths) * max(lengths, default=0)
+
+
+@dataclass(frozen=True)
+class PackLimits:
+    """Caps for one packed batch: `max_rows` rows of `row_tokens` slots, at most `max_texts`
+    texts, chosen among the oldest `lookahead` distinct texts waiting."""
+
+    row_tokens: int
+    max_rows: int
+    max_texts: int
+    lookahead: int
+
+
+def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """Rows of text indices, first-fit in the given order: each text goes into the first row
+    with room for it, else a new row. A text longer than a row fills a row of its own.
+
+    The packed backend packs with this function and the planner predicts with it, so the
+    batch the planner accepted is the batch that runs.
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index, length in enumerate(lengths):
+        for r, free in enumerate(room):
+            if length <= free:
+                rows[r].append(index)
+                room[r] -= length
+                break
+        else:
+            rows.append([index])
+            room.append(max(0, row_tokens - length))
+    return rows
+
+
+def packed_slots(lengths: Sequence[int], row_tokens: int) -> int:
+    """Token slots a packed run of these texts computes: rows x the longest row."""
+    rows = pack_rows(lengths, row_tokens)
+    return len(rows) * max((sum(lengths[i] for i in row) for row in rows), default=0)
+
+
+def plan_packed(lengths: Sequence[int], keys: Sequence[str], limits: PackLimits) -> list[int]:
+    """Indices (into the queue, oldest first) of the texts to pack into the next batch.
+
+    Walks the distinct texts in order of arrival, from the oldest, and puts each in the first
+    row with room (`pack_rows`' rule), opening a row while fewer than `max_rows` are open; a
+    text that fits nowhere is left for a later batch and the walk goes on, so shorter texts
+    behind it can still fill the gaps. The oldest text is always taken. Duplicates of a taken
+    text ride along in its segment. Returns indices in queue order.
+    """
+    if not lengths:
+        return []
+    groups: dict[str, list[int]] = {}
+    for index, key in enumerate(keys):
+        group = groups.get(key)
+        if group is None:
+            if len(groups) >= limits.lookahead:
+                continue
+            groups[key] = [index]
+        else:
+            group.append(index)
+    room: list[int] = []
+    chosen: list[int] = []
+    for group in groups.values():
+        if chosen and len(chosen) + len(group) > limits.max_texts:
+            continue
+        length = lengths[group[0]]
+        for r, free in enumerate(room):
+            if length <= free:
+                room[r] -= length
+                break
+        else:
+            if room and len(room) >= limits.max_rows:
+                continue
+            room.append(max(0, limits.row_tokens - length))
+        chosen += group
+        if len(chosen) >= limits.max_texts:
+            break
+    return sorted(chosen)

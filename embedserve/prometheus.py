@@ -24,7 +24,7 @@ from starlette.responses import Response
 from embedserve.responses import error_response
 
 if TYPE_CHECKING:
-    from embedserve.batcher import EmbedResult
+    from embedserve.batcher import BatchRecord, EmbedResult
     from embedserve.registry import ModelRegistry
 
 
@@ -40,10 +40,12 @@ QUEUE_BUCKETS_S = (
 INFERENCE_BUCKETS_S = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 )  # fmt: skip
-# Texts per model batch (BATCH_MAX_TEXTS defaults to 64) and padded tokens per batch
-# (BATCH_TOKEN_BUDGET defaults to 512; one long text alone may exceed it).
+# Texts per model batch (BATCH_MAX_TEXTS defaults to 64), token slots computed per batch
+# (BATCH_TOKEN_BUDGET defaults to 512; one long text alone may exceed it), and batch fill
+# (real tokens / slots: 1.0 is a batch with no padding).
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PADDED_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+FILL_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
 
 FORMATS = ("prometheus", "json")
 _PROMETHEUS_TYPES = frozenset({"text/plain", "application/openmetrics-text"})
@@ -103,9 +105,17 @@ class PrometheusMetrics:
         )
         self._batch_tokens = Histogram(
             "embedserve_batch_padded_tokens",
-            "Padded tokens (texts x longest) per model batch, by model.",
+            "Token slots computed per model batch, padding included (padded: texts x "
+            "longest; packed: rows x longest row), by model.",
             ["model"],
             buckets=PADDED_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self._batch_fill = Histogram(
+            "embedserve_batch_fill_ratio",
+            "Real tokens / token slots computed per model batch (1.0: no padding), by model.",
+            ["model"],
+            buckets=FILL_BUCKETS,
             registry=registry,
         )
         self._batch_duration = Histogram(
@@ -144,12 +154,14 @@ class PrometheusMetrics:
                 self._by_error[(status, error_type)] = error
             error.inc()
 
-    def on_batch(self, model: str, texts: int, padded_tokens: int, seconds: float) -> None:
+    def on_batch(self, model: str, batch: BatchRecord) -> None:
         """One model batch ran (the model's `MicroBatcher` calls this through the registry)."""
-        _, _, size, tokens, duration = self._model(model)
-        size.observe(texts)
-        tokens.observe(padded_tokens)
-        duration.observe(seconds)
+        _, _, size, tokens, duration, fill = self._model(model)
+        size.observe(batch.texts)
+        tokens.observe(batch.slot_tokens)
+        duration.observe(batch.seconds)
+        if batch.slot_tokens:
+            fill.observe(batch.real_tokens / batch.slot_tokens)
 
     def on_result(self, model: str, result: EmbedResult) -> None:
         """One request's texts were embedded (the model registry calls this)."""
@@ -168,6 +180,7 @@ class PrometheusMetrics:
                     self._batch_size,
                     self._batch_tokens,
                     self._batch_duration,
+                    self._batch_fill,
                 )
             )
             self._by_model[model] = children

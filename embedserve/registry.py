@@ -19,7 +19,7 @@ import anyio
 import anyio.to_thread
 
 from embedserve.backend import Backend
-from embedserve.batcher import PROBE_TEXT, BatchPolicy, EmbedResult, MicroBatcher
+from embedserve.batcher import PROBE_TEXT, BatchPolicy, BatchRecord, EmbedResult, MicroBatcher
 from embedserve.entries import ModelEntry, ModelInfo
 from embedserve.errors import (
     EmbedServeError,
@@ -40,7 +40,7 @@ Loader = Callable[[ModelSpec], Backend]
 class ModelObserver(Protocol):
     """Told about every model batch and every embedded request (metrics); must be quick."""
 
-    def on_batch(self, model: str, texts: int, padded_tokens: int, seconds: float) -> None: ...
+    def on_batch(self, model: str, batch: BatchRecord) -> None: ...
 
     def on_result(self, model: str, result: EmbedResult) -> None: ...
 
@@ -409,5 +409,6 @@ class ModelRegistry:
             source=spec.source,
             dimension=manifest.dimension if manifest else None,
             max_tokens=manifest.max_tokens if manifest else None,
+            packed_graph=manifest.packed if manifest else None,
             pinned=self._pin_required and name in self.required,
         )

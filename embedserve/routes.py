@@ -162,16 +162,20 @@ async def metrics(request: Request) -> Response:
     if exposition is not None:
         return exposition
     per_model: dict[str, Any] = {}
-    batches = texts = 0
+    batches = texts = real = slots = 0
     for info in registry.loaded():
         model_stats = info.stats
         batches += int(model_stats["batches"])
         texts += int(model_stats["texts"])
+        real += int(model_stats["real_tokens"])
+        slots += int(model_stats["slot_tokens"])
         per_model[info.name] = {
             "queue_depth": info.queued,
             "in_flight": info.in_flight,
+            "packed": info.packed,
             "batches": model_stats["batches"],
             "mean_batch_size": model_stats["mean_batch_size"],
+            "mean_fill": model_stats["mean_fill"],
             "failed_batches": model_stats["failed_batches"],
             "dropped_texts": model_stats["dropped_texts"],
             "inference_time_s": model_stats["inference_s"],
@@ -187,6 +191,9 @@ async def metrics(request: Request) -> Response:
             "enabled": settings.enable_batching,
             "batches": batches,
             "mean_batch_size": round(texts / batches, 3) if batches else 0.0,
+            "mean_fill": round(real / slots, 4) if slots else 0.0,
+            "real_tokens": real,
+            "slot_tokens": slots,
             "evictions": registry.evictions,
             "offloads": registry.offloads,
             "models": per_model,

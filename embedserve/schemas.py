@@ -159,6 +159,12 @@ class ModelInfoResponse(_Response):
     source: str | None = Field(description="Where it was loaded from")
     dimension: int | None = Field(description="Length of its embeddings")
     max_tokens: int | None = Field(description="Token limit; longer texts are truncated")
+    packed: bool | None = Field(
+        description="Runs packed batches (several texts per row, no padding); null while not loaded"
+    )
+    packed_graph: bool | None = Field(
+        description="Its imported files include the packed graph; null for catalogue models"
+    )
     pinned: bool = Field(description="Never evicted or offloaded")
     queued: int = Field(description="Texts waiting for a batch")
     in_flight: int = Field(description="Texts in a running batch")

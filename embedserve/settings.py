@@ -153,8 +153,33 @@ class Settings(BaseSettings):
     batch_token_budget: int = _field(
         "BATCH_TOKEN_BUDGET",
         512,
-        "Most padded tokens (texts x longest) in one model batch.",
+        "Most token slots one model batch computes: padded, texts x longest; packed, "
+        "rows x PACK_ROW_TOKENS (so BATCH_TOKEN_BUDGET // PACK_ROW_TOKENS rows).",
         ge=1,
+    )
+    enable_packing: bool = _field(
+        "ENABLE_PACKING",
+        True,
+        "Run models that have a packed graph packed (several texts per row, no padding); "
+        "false forces FastEmbed's padded path.",
+    )
+    pack_row_tokens: int = _field(
+        "PACK_ROW_TOKENS",
+        0,
+        "Token slots in one packed row; 0: the model's token limit (256 for MiniLM).",
+        ge=0,
+    )
+    pack_lookahead: int = _field(
+        "PACK_LOOKAHEAD",
+        256,
+        "Distinct queued texts, from the oldest, the packed planner considers for a batch.",
+        ge=1,
+    )
+    ort_spinning: bool = _field(
+        "ORT_SPINNING",
+        False,
+        "Let ONNX Runtime's threads busy-wait between runs of a packed model (takes CPU "
+        "from the event loop).",
     )
     batch_min_fill: float = _field(
         "BATCH_MIN_FILL",

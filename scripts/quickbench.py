@@ -262,7 +262,7 @@ def main(argv: list[str]) -> int:
         ):
             path = workdir / f"{name}.json"
             path.write_text(json.dumps(texts))
-            corpora[name] = Corpus(name, texts, backend.count_tokens(texts), path)
+            corpora[name] = Corpus(name, texts, [len(i) for i in backend.tokenize(texts)], path)
         limit = backend.max_tokens
         print(f"model: {DEFAULT_MODEL} (max {limit} tokens, dim {backend.dimension})  ")
         print(

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from embedserve.backend import Vectors
+from embedserve.backend import TokenIds, Vectors
 from embedserve.store import ModelSpec
 
 DIM = 8
@@ -27,14 +27,27 @@ class FakeBackend:
     """Embeds by hashing; tokens are whitespace words + 2. Records every batch it runs.
 
     Failures: `fail_next` fails the next call, `fail_always` every call, and `poison` every
-    call holding one of its texts.
+    call holding one of its texts. With `packed=True` it plans like a packed backend (rows
+    of `row_tokens`) and records in `tokens` the ids each call was given.
     """
 
-    def __init__(self, name: str = "fake/model", dimension: int = DIM, max_tokens: int = 256):
+    def __init__(
+        self,
+        name: str = "fake/model",
+        dimension: int = DIM,
+        max_tokens: int = 256,
+        *,
+        packed: bool = False,
+        row_tokens: int | None = None,
+    ):
         self.name = name
         self.dimension = dimension
         self.max_tokens = max_tokens
+        self.packed = packed
+        self.row_tokens = row_tokens or max_tokens
         self.batches: list[list[str]] = []
+        self.tokens: list[list[TokenIds] | None] = []
+        self.tokenized = 0  # texts tokenised
         self.fail_next: Exception | None = None
         self.fail_always: Exception | None = None
         self.poison: set[str] = set()
@@ -42,12 +55,13 @@ class FakeBackend:
         self.closed = False
         self._lock = threading.Lock()
 
-    def embed(self, texts: Sequence[str]) -> Vectors:
+    def embed(self, texts: Sequence[str], tokens: Sequence[TokenIds] | None = None) -> Vectors:
         assert not self.closed, "embed after close"
         if self.hold is not None:
             self.hold.wait(timeout=10)
         with self._lock:
             self.batches.append(list(texts))
+            self.tokens.append(None if tokens is None else list(tokens))
             error, self.fail_next = self.fail_next, None
         if error is not None:
             raise error
@@ -57,8 +71,9 @@ class FakeBackend:
             raise RuntimeError(f"poisoned batch of {len(texts)} texts")
         return np.stack([fake_vector(t, self.dimension) for t in texts])
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [min(self.max_tokens, len(t.split()) + 2) for t in texts]
+    def tokenize(self, texts: Sequence[str]) -> list[TokenIds]:
+        self.tokenized += len(texts)
+        return [list(range(min(self.max_tokens, len(t.split()) + 2))) for t in texts]
 
     def close(self) -> None:
         self.closed = True

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from embedserve.app import build_registry
-from embedserve.backend import Backend, Vectors
+from embedserve.backend import Backend, TokenIds, Vectors
 from embedserve.server import serve
 from embedserve.settings import Settings, SettingsError
 
@@ -42,8 +42,10 @@ class FaultyBackend:
         self.name = inner.name
         self.dimension = inner.dimension
         self.max_tokens = inner.max_tokens
+        self.packed = inner.packed
+        self.row_tokens = inner.row_tokens
 
-    def embed(self, texts: Sequence[str]) -> Vectors:
+    def embed(self, texts: Sequence[str], tokens: Sequence[TokenIds] | None = None) -> Vectors:
         failed = any(self._marker in text for text in texts)
         if self._batch_log is not None:
             line = json.dumps({"model": self.name, "texts": list(texts), "failed": failed})
@@ -51,10 +53,10 @@ class FaultyBackend:
                 out.write(line + "\n")
         if failed:
             raise InjectedFault(f"injected fault in a batch of {len(texts)} texts")
-        return self._inner.embed(texts)
+        return self._inner.embed(texts, tokens)
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return self._inner.count_tokens(texts)
+    def tokenize(self, texts: Sequence[str]) -> list[TokenIds]:
+        return self._inner.tokenize(texts)
 
     def close(self) -> None:
         self._inner.close()

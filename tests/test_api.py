@@ -241,6 +241,23 @@ async def test_model_details_of_a_loaded_model(api: Api) -> None:
     assert body["load_time"] >= 0
     assert isinstance(body["loaded_at"], str)
     assert isinstance(body["last_used"], str)
+    assert body["packed"] is False  # FakeBackend plans padded batches by default
+    assert body["packed_graph"] is None  # a catalogue model: no manifest
+    assert set(body["stats"]) >= {"mean_fill", "real_tokens", "slot_tokens"}
+
+
+async def test_metrics_show_batch_fill(api: Api) -> None:
+    with anyio.fail_after(10):
+        await api.client.post("/embed/batch", json={"texts": ["a", "b c d e"]})
+        body = (await api.client.get("/metrics")).json()
+    batching = body["batching"]
+    model = batching["models"]["fake/a"]
+    assert model["packed"] is False
+    # The two texts ran padded together (3 and 6 tokens): 9 real of 12 slots, or alone.
+    assert batching["real_tokens"] >= 9
+    assert batching["slot_tokens"] >= batching["real_tokens"]
+    assert 0 < model["mean_fill"] <= 1
+    assert batching["mean_fill"] == round(batching["real_tokens"] / batching["slot_tokens"], 4)
 
 
 @pytest.mark.parametrize("name", ["fake/b", "BAAI/bge-small-en-v1.5"])
@@ -510,7 +527,7 @@ async def test_unexpected_error_is_500_without_a_traceback(api: Api) -> None:
     def broken(texts: object) -> list[int]:
         raise RuntimeError('Traceback (most recent call last): File "/work/main/x.py"')
 
-    api.loader.backends["fake/a"].count_tokens = broken  # type: ignore[method-assign]
+    api.loader.backends["fake/a"].tokenize = broken  # type: ignore[method-assign]
     transport = httpx.ASGITransport(app=api.app, raise_app_exceptions=False)
     with anyio.fail_after(10):
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

@@ -14,7 +14,7 @@ import anyio
 import numpy as np
 import pytest
 
-from embedserve.batcher import PROBE_TEXT, BatchPolicy, MicroBatcher
+from embedserve.batcher import PROBE_TEXT, BatchPolicy, BatchRecord, MicroBatcher
 from embedserve.errors import InferenceFailed, Overloaded, RequestTimeout, ShuttingDown
 from tests.fakes import FakeBackend, FakeClock, GatedRunner, fake_vector
 
@@ -344,14 +344,14 @@ async def test_a_failing_batch_is_split_to_fail_only_the_texts_to_blame(
     backend: FakeBackend, gate: GatedRunner, poison: set[str], calls: int, probes: int
 ):
     clock = FakeClock()
-    seen: list[tuple[int, int, float]] = []
+    seen: list[BatchRecord] = []
 
     async def timed(func):  # each model call takes one (fake) second
         clock.advance(1.0)
         return await gate(func)
 
     batcher = MicroBatcher(
-        backend, BatchPolicy(), run_sync=timed, clock=clock, on_batch=lambda *a: seen.append(a)
+        backend, BatchPolicy(), run_sync=timed, clock=clock, on_batch=seen.append
     )
     batcher.start()
     try:
@@ -375,7 +375,7 @@ async def test_a_failing_batch_is_split_to_fail_only_the_texts_to_blame(
     assert batcher.stats.failed_batches == 1
     # Recorded once, with the time of every call it took.
     assert batcher.stats.batches == 2
-    assert seen[-1] == (8, 8 * 3, float(calls))
+    assert seen[-1] == BatchRecord(8, 8 * 3, 8 * 3, float(calls))
 
 
 async def test_a_backend_failing_every_call_costs_a_batch_three_more_calls(
@@ -449,3 +449,115 @@ async def test_shutdown_during_a_retry_fails_the_whole_batch_and_strands_nothing
     assert all(isinstance(r, ShuttingDown) for r in results), results
     assert backend.batches == [EIGHT]
     assert (batcher.queued, batcher.in_flight) == (0, 0)
+
+
+# -- packed backends ---------------------------------------------------------------------
+
+
+async def test_packed_backend_batches_any_mix_of_lengths_and_runs_the_admission_ids(
+    gate: GatedRunner,
+) -> None:
+    backend = FakeBackend(packed=True, row_tokens=16)
+    long_text = " ".join(["word"] * 13)  # 15 tokens: a row to itself nearly
+    with anyio.fail_after(5):
+        async with running(backend, gate, token_budget=32) as batcher:
+            first = spawn(batcher, "warm")
+            await gate.wait_for_waiting(1)
+            others = [spawn(batcher, t) for t in (long_text, "a", "b b", long_text, "c")]
+            await settle()
+            gate.release(3)
+            await asyncio.gather(first, *others)
+    # Two rows of 16: the long text fills one, the short ones share the other; the second
+    # long text (a duplicate) rides in the first one's segment. Nothing was padded to 15.
+    assert backend.batches[1] == [long_text, "a", "b b", "c"]
+    assert backend.tokens[1] == backend.tokenize([long_text, "a", "b b", "c"])
+    # Each text was tokenised once, at admission (plus the one call above).
+    assert backend.tokenized == 6 + 4
+    assert batcher.stats.real_tokens == 3 + 15 + 3 + 4 + 3
+    assert batcher.stats.slot_tokens == 3 + 2 * 15
+    assert 0.7 < batcher.stats.mean_fill < 1
+
+
+async def test_packed_plan_leaves_what_does_not_fit_for_the_next_batch(
+    gate: GatedRunner,
+) -> None:
+    backend = FakeBackend(packed=True, row_tokens=10)
+    with anyio.fail_after(5):
+        async with running(backend, gate, token_budget=10) as batcher:
+            first = spawn(batcher, "warm")
+            await gate.wait_for_waiting(1)
+            texts = ["a b c d e f", "g h i j k l", "m", "n"]  # 8, 8, 3, 3 tokens
+            others = [spawn(batcher, t) for t in texts]
+            await settle()
+            gate.release(4)
+            await asyncio.gather(first, *others)
+    assert backend.batches[1:] == [["a b c d e f"], ["g h i j k l"], ["m", "n"]]
+
+
+async def test_padded_backend_still_gets_texts_and_their_ids(gate: GatedRunner) -> None:
+    backend = FakeBackend()
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            task = spawn(batcher, "x y")
+            gate.release()
+            await task
+    assert backend.tokens == [backend.tokenize(["x y"])]
+
+
+# -- the loop survives its own faults --------------------------------------------------
+
+
+async def test_a_planning_fault_fails_one_request_and_the_loop_serves_on(
+    backend: FakeBackend, gate: GatedRunner, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    import embedserve.batcher as batcher_module
+
+    real_plan = batcher_module.plan_batch
+    faults = [RuntimeError("planner bug")]
+
+    def flaky(*args: object) -> list[int]:
+        if faults:
+            raise faults.pop()
+        return real_plan(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batcher_module, "plan_batch", flaky)
+    gate.open = True
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            first = spawn(batcher, "first")
+            second = spawn(batcher, "second")
+            results = await asyncio.gather(first, second, return_exceptions=True)
+            assert isinstance(results[0], InferenceFailed)
+            assert np.allclose(results[1].vectors[0], fake_vector("second"))
+            after = await batcher.submit(["after"])
+            assert np.allclose(after.vectors[0], fake_vector("after"))
+            assert batcher.stats.failed_batches == 1
+    assert "planner bug" in caplog.text
+
+
+async def test_a_delivery_fault_fails_that_batch_only(
+    backend: FakeBackend, gate: GatedRunner, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            real_deliver = batcher._deliver
+            calls = 0
+
+            def broken_once(*args: object) -> None:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    raise ValueError("delivery bug")
+                real_deliver(*args)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(batcher, "_deliver", broken_once)
+            first = spawn(batcher, "one", "two")
+            await gate.wait_for_waiting(1)
+            gate.release()
+            with pytest.raises(InferenceFailed):
+                await first
+            gate.open = True
+            later = await batcher.submit(["later"])
+            assert np.allclose(later.vectors[0], fake_vector("later"))
+            assert batcher.queued == 0 and batcher.in_flight == 0
+    assert "delivery bug" in caplog.text

@@ -25,7 +25,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedserve.batcher import PROBE_TEXT
-from embedserve.store import MODEL_FILE, ModelStore, file_sha256, verify_model_file
+from embedserve.store import (
+    MODEL_FILE,
+    PACKED_MODEL_FILE,
+    ModelStore,
+    file_sha256,
+    verify_model_file,
+)
 from tests.leaks import assert_no_leak
 from tests.reliability import Recorder
 from tests.serverutil import DEFAULT_MODEL, models_dir, running_server, words
@@ -72,6 +78,7 @@ async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
 # -- corrupt or truncated model files ----------------------------------------------------
 SPARE = "spare/all-MiniLM-L6-v2"  # a healthy copy: loading it shows eviction is live
 # name -> (model file variant, manifest checksum matches the damaged file?, cause in the log)
+GRAPH_FILES = (MODEL_FILE, PACKED_MODEL_FILE)
 BROKEN = {
     "broken/truncated": ("truncated", False, "does not match"),
     "broken/garbled": ("garbled", False, "does not match"),
@@ -81,28 +88,41 @@ BROKEN = {
 }
 
 
-def install(source: Path, root: Path, name: str, model_file: Path | None, sha256: str) -> None:
-    """`source`'s files hard-linked under `root/name`, with `model_file` as model.onnx (none:
-    no model file) and a manifest naming `name` with checksum `sha256`."""
+def install(
+    source: Path, root: Path, name: str, graphs: dict[str, Path | None], sha256: dict[str, str]
+) -> None:
+    """`source`'s files hard-linked under `root/name`, with `graphs[file]` as each graph file
+    (None: no such file) and a manifest naming `name` with the checksums `sha256`."""
     store = ModelStore(root)
     target = store.model_dir(name)
     target.mkdir(parents=True)
     for path in source.iterdir():
-        if path.name not in (MODEL_FILE, "embedserve.json"):
+        if path.name not in (*GRAPH_FILES, "embedserve.json"):
             os.link(path, target / path.name)
-    if model_file is not None:
-        os.link(model_file, target / MODEL_FILE)
+    for graph, model_file in graphs.items():
+        if model_file is not None:
+            os.link(model_file, target / graph)
     manifest = ModelStore(models_dir()).get(DEFAULT_MODEL)
     assert manifest is not None
-    store.write_manifest(target, dataclasses.replace(manifest, name=name, onnx_sha256=sha256))
+    store.write_manifest(
+        target,
+        dataclasses.replace(
+            manifest,
+            name=name,
+            onnx_sha256=sha256[MODEL_FILE],
+            packed_sha256=sha256.get(PACKED_MODEL_FILE, ""),
+        ),
+    )
 
 
-def build_models_dir(source: Path, tmp_path: Path) -> Path:
-    """The good model, a spare copy, and every BROKEN variant, under ``tmp_path/models``."""
-    root = tmp_path / "models"
-    good_file = source / MODEL_FILE
+def damage(good_file: Path, tmp_path: Path) -> dict[str, Path]:
+    """A truncated and a garbled copy of the graph `good_file`."""
     size = good_file.stat().st_size
-    damaged = {"truncated": tmp_path / "truncated.onnx", "garbled": tmp_path / "garbled.onnx"}
+    stem = good_file.name.removesuffix(".onnx")
+    damaged = {
+        "truncated": tmp_path / f"{stem}.truncated.onnx",
+        "garbled": tmp_path / f"{stem}.garbled.onnx",
+    }
     with good_file.open("rb") as whole, damaged["truncated"].open("wb") as half:
         half.write(whole.read(size // 2))
     shutil.copyfile(good_file, damaged["garbled"])
@@ -111,13 +131,28 @@ def build_models_dir(source: Path, tmp_path: Path) -> Path:
         # embeddings, where only the rows of some tokens would turn NaN).
         garbled.seek(int(size * 0.9))
         garbled.write(b"\xff" * 65536)
-    original = file_sha256(good_file)
-    install(source, root, DEFAULT_MODEL, good_file, original)
-    install(source, root, SPARE, good_file, original)
+    return damaged
+
+
+def build_models_dir(source: Path, tmp_path: Path) -> Path:
+    """The good model, a spare copy, and every BROKEN variant, under ``tmp_path/models``.
+
+    A variant damages every graph the model has (``model.onnx`` and, when imported with
+    one, ``model.packed.onnx``), so it is broken whichever path the server runs."""
+    root = tmp_path / "models"
+    graphs = [g for g in GRAPH_FILES if (source / g).is_file()]
+    damaged = {graph: damage(source / graph, tmp_path) for graph in graphs}
+    good = {graph: source / graph for graph in graphs}
+    original = {graph: file_sha256(source / graph) for graph in graphs}
+    install(source, root, DEFAULT_MODEL, good, original)
+    install(source, root, SPARE, good, original)
     for name, (variant, rehashed, _) in BROKEN.items():
-        model_file = damaged.get(variant)
-        sha = file_sha256(model_file) if rehashed and model_file else original
-        install(source, root, name, model_file, sha)
+        files = {graph: damaged[graph].get(variant) for graph in graphs}
+        sha = {
+            graph: file_sha256(path) if rehashed and path else original[graph]
+            for graph, path in files.items()
+        }
+        install(source, root, name, files, sha)
     return root
 
 

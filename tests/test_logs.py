@@ -197,7 +197,7 @@ async def test_every_answer_carries_a_request_id(serve: Serve) -> None:
                 await api.client.post("/embed", json={"text": "x" * 4096}),
                 await api.client.post("/embed", json={}),
             ]
-            api.loader.backends["fake/a"].count_tokens = broken  # type: ignore[method-assign]
+            api.loader.backends["fake/a"].tokenize = broken  # type: ignore[method-assign]
             transport = httpx.ASGITransport(app=api.app, raise_app_exceptions=False)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 answers.append(await client.post("/embed", json={"text": "x"}))
@@ -215,7 +215,7 @@ async def test_an_unhandled_error_is_logged_and_counted_as_500(
     def broken(texts: object) -> list[int]:
         raise RuntimeError("boom")
 
-    api.loader.backends["fake/a"].count_tokens = broken  # type: ignore[method-assign]
+    api.loader.backends["fake/a"].tokenize = broken  # type: ignore[method-assign]
     transport = httpx.ASGITransport(app=api.app, raise_app_exceptions=False)
     with anyio.fail_after(10):
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

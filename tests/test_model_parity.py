@@ -1,4 +1,5 @@
-"""Integration: imported all-MiniLM-L6-v2, served by FastEmbed, matches sentence-transformers.
+"""Integration: imported all-MiniLM-L6-v2, served by FastEmbed and by its packed graph,
+matches sentence-transformers.
 
 Needs ``make model`` first (models/sentence-transformers/all-MiniLM-L6-v2; MODELS_DIR, as `make
 test` passes it, moves the models directory). Without the model the tests skip, unless
@@ -17,7 +18,8 @@ import pytest
 
 from embedserve.backend import Backend, load_local
 from embedserve.importer import min_cosine
-from embedserve.store import Manifest, ModelStore, file_sha256
+from embedserve.packed import load_packed
+from embedserve.store import PACKED_MODEL_FILE, Manifest, ModelStore, file_sha256
 
 pytestmark = pytest.mark.integration
 
@@ -93,4 +95,44 @@ def test_long_text_is_truncated_at_256_tokens(
     assert isinstance(texts, list)
     longest = max(texts, key=len)
     assert backend.max_tokens == 256
-    assert backend.count_tokens([longest]) == [256]
+    assert [len(ids) for ids in backend.tokenize([longest])] == [256]
+
+
+def test_manifest_records_the_checked_packed_graph(model_dir: Path, manifest: Manifest) -> None:
+    assert manifest.packed, f"no packed graph: {manifest.packed_reason}; re-run `make model`"
+    assert file_sha256(model_dir / PACKED_MODEL_FILE) == manifest.packed_sha256
+    assert manifest.packed_parity_min_cosine is not None
+    assert manifest.packed_parity_min_cosine >= MIN_COSINE
+
+
+def test_packed_graph_takes_three_dynamic_int64_inputs(model_dir: Path) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(
+        str(model_dir / PACKED_MODEL_FILE), providers=["CPUExecutionProvider"]
+    )
+    inputs = [(i.name, i.type, i.shape) for i in session.get_inputs()]
+    assert [name for name, _, _ in inputs] == ["input_ids", "position_ids", "segment_ids"]
+    for _, kind, shape in inputs:
+        assert kind == "tensor(int64)"
+        assert len(shape) == 2 and all(isinstance(axis, str) for axis in shape)  # dynamic
+    ((name, shape),) = [(o.name, o.shape) for o in session.get_outputs()]
+    assert name == "last_hidden_state" and shape[-1] == 384
+
+
+# 32: rows of a few short texts (the long one gets a row of its own); 256: the short texts
+# share one row; 512: the text truncated to 256 tokens shares a row with "Hi" and the rest.
+@pytest.mark.parametrize("row_tokens", [32, 256, 512])
+def test_packed_embeddings_match_sentence_transformers(
+    model_dir: Path, manifest: Manifest, reference: dict[str, object], row_tokens: int
+) -> None:
+    texts = reference["texts"]
+    assert isinstance(texts, list)
+    expected = np.asarray(reference["embeddings"], dtype=np.float32)
+    packed = load_packed(model_dir, manifest, threads=None, row_tokens=row_tokens)
+    try:
+        got = packed.embed(texts)
+    finally:
+        packed.close()
+    assert got.dtype == np.float32
+    assert min_cosine(got, expected) >= MIN_COSINE

@@ -1,6 +1,16 @@
 """Batch forming: budget, caps, length grouping, duplicates, fairness to the oldest text."""
 
-from embedserve.planner import BatchLimits, padded_tokens, plan_batch
+import random
+
+from embedserve.planner import (
+    BatchLimits,
+    PackLimits,
+    pack_rows,
+    packed_slots,
+    padded_tokens,
+    plan_batch,
+    plan_packed,
+)
 
 
 def keys(n: int) -> list[str]:
@@ -56,3 +66,61 @@ def test_fill_floor_keeps_a_mostly_padding_batch_from_forming() -> None:
     assert plan_batch(lengths, keys(3), BatchLimits(8, 10_000, min_fill=0.0)) == [0, 1, 2]
     assert plan_batch(lengths, keys(3), BatchLimits(8, 10_000, min_fill=0.85)) == [0]
     assert plan_batch([10, 9, 10], keys(3), BatchLimits(8, 10_000, min_fill=0.85)) == [0, 1, 2]
+
+
+# -- packed batches ------------------------------------------------------------------
+
+
+def packed(row_tokens: int = 100, max_rows: int = 2, max_texts: int = 64, lookahead: int = 64):
+    return PackLimits(row_tokens, max_rows, max_texts, lookahead)
+
+
+def test_pack_rows_is_first_fit_and_gives_a_long_text_its_own_row() -> None:
+    assert pack_rows([60, 50, 30, 40, 10], 100) == [[0, 2, 4], [1, 3]]
+    assert pack_rows([150, 20], 100) == [[0], [1]]
+    assert pack_rows([], 100) == []
+    assert packed_slots([60, 50, 30, 40, 10], 100) == 2 * 100
+    assert packed_slots([150, 20], 100) == 2 * 150
+
+
+def test_packed_plan_mixes_any_lengths_within_the_rows() -> None:
+    lengths = [250, 3, 100, 40, 7, 90]
+    chosen = plan_packed(lengths, keys(6), packed(row_tokens=256, max_rows=2))
+    assert chosen == [0, 1, 2, 3, 4, 5]  # 490 tokens in two rows of 256
+    rows = pack_rows([lengths[i] for i in chosen], 256)
+    assert all(sum(lengths[chosen[i]] for i in row) <= 256 for row in rows)
+
+
+def test_packed_plan_always_takes_the_oldest_and_skips_what_does_not_fit() -> None:
+    lengths = [80, 90, 30, 60, 20, 5]
+    chosen = plan_packed(lengths, keys(6), packed(row_tokens=100, max_rows=1))
+    # 80 opens the row; 90 and 30 and 60 do not fit the 20 left; 20 fills it exactly.
+    assert chosen == [0, 4]
+    assert plan_packed([500, 5], keys(2), packed(row_tokens=100, max_rows=1)) == [0]
+
+
+def test_packed_plan_predicts_the_rows_the_backend_packs() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        lengths = [rng.choice([1, 3, 12, 30, 64, 120, 256]) for _ in range(rng.randint(1, 40))]
+        limits = packed(row_tokens=128, max_rows=rng.randint(1, 4), lookahead=rng.randint(1, 40))
+        chosen = plan_packed(lengths, keys(len(lengths)), limits)
+        assert chosen[0] == 0
+        rows = pack_rows([lengths[i] for i in chosen], limits.row_tokens)
+        assert len(rows) <= limits.max_rows or len(chosen) == 1
+        assert chosen == sorted(set(chosen))
+
+
+def test_packed_plan_shares_a_segment_between_duplicates_and_caps_texts() -> None:
+    lengths = [50, 50, 50, 50]
+    chosen = plan_packed(lengths, ["a", "b", "a", "c"], packed(row_tokens=100, max_rows=1))
+    assert chosen == [0, 1, 2]  # "a" twice in one segment, "b" fills the row, "c" waits
+    assert plan_packed([5] * 10, keys(10), packed(max_texts=4)) == [0, 1, 2, 3]
+
+
+def test_packed_plan_looks_only_so_far_past_the_oldest() -> None:
+    lengths = [10] * 10
+    assert plan_packed(lengths, keys(10), packed(lookahead=3)) == [0, 1, 2]
+    # Duplicates of a text inside the window still ride along.
+    names = ["a", "b", "c", "d", "a"]
+    assert plan_packed([10] * 5, names, packed(lookahead=2)) == [0, 1, 4]

@@ -25,6 +25,7 @@ FAMILIES = {
     "embedserve_inference_time_seconds": "histogram",
     "embedserve_batch_size": "histogram",
     "embedserve_batch_padded_tokens": "histogram",
+    "embedserve_batch_fill_ratio": "histogram",
     "embedserve_batch_duration_seconds": "histogram",
     "embedserve_queue_depth": "gauge",
     "embedserve_in_flight_texts": "gauge",
@@ -138,6 +139,10 @@ async def test_batch_size_histogram_moves_under_concurrent_load(serve: Serve) ->
     assert moved("embedserve_batch_size_bucket", le="1.0") == 1  # the held text alone
     assert moved("embedserve_batch_size_bucket", le="2.0") == 1
     assert moved("embedserve_batch_size_bucket", le="4.0") == 2  # the four queued together
+    # Equal lengths pad nothing: every batch was all real tokens.
+    assert moved("embedserve_batch_fill_ratio_count") == 2
+    assert moved("embedserve_batch_fill_ratio_sum") == 2.0
+    assert moved("embedserve_batch_fill_ratio_bucket", le="0.98") == 0
     assert moved("embedserve_queue_time_seconds_count") == 5
 
 
