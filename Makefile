@@ -96,9 +96,10 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy --follow-imports=silent bench
 	$(BIN)/hadolint Dockerfile
 
-# The benchmark suite: in-process ceiling, the real server with batching on and off, the
-# soak; writes docs/BENCHMARKS.md and docs/benchmarks.png (about 20-25 minutes on 2 cores;
-# BENCH_QUICK=1 for a 2-3 minute smoke run, BENCH_REPEATS=n, BENCH_SOAK_S=s). It holds
+# The benchmark suite: in-process ceiling of both backends, three servers (packed, padded,
+# batching off) up at once and measured in turns, the soak; writes docs/BENCHMARKS.md and
+# docs/benchmarks.png (about 35 minutes on 2 cores; BENCH_QUICK=1 for a 3-4 minute smoke
+# run, BENCH_REPEATS=n, BENCH_SOAK_S=s). It holds
 # $(BENCH_LOCK) so that two benchmarks never share the cores: do not wrap it in flock.
 BENCH_LOCK ?= /tmp/embedserve-bench.lock
 BENCH_ARGS ?=

@@ -1,22 +1,19 @@
-"""The ceiling: FastEmbed called in this process on the same model and texts as the server.
+"""The ceiling: the server's two backends called in this process on the same texts.
 
-Two families of schedules, each timed over the corpus:
-
-- fixed batch sizes in corpus order (what a naive client batching gets);
-- the texts length-sorted and cut into batches under a padded-token budget (texts x longest
-  <= budget), which is the best a scheduler with full knowledge of every text can do.
-
-The best texts/s of all of them is the ceiling the server is compared with.
+The padded backend (FastEmbed, `backend.load_local`) and the packed one (`packed.load_packed`,
+one model per row length) each run their schedules (`bench.schedules`) over the corpus.
+Packed and padded schedules alternate, and every other pass runs them in reverse, so that a
+machine whose speed drifts favours neither. The best texts/s of all is the ceiling.
 """
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from bench.schedules import Schedule, fixed_batches, padded_schedules, slot_tokens
 from bench.stats import percentile
 
 
@@ -26,59 +23,23 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> Any: ...
 
 
-def fixed_batches(count: int, size: int) -> list[list[int]]:
-    """Indices 0..count-1 in order, cut into batches of `size` (the last may be short)."""
-    if size < 1:
-        raise ValueError("batch size must be >= 1")
-    return [list(range(start, min(count, start + size))) for start in range(0, count, size)]
-
-
-def budget_batches(tokens: Sequence[int], budget: int) -> list[list[int]]:
-    """Length-sorted batches with ``len(batch) * longest <= budget``.
-
-    Texts are taken shortest first, so each newcomer is the longest of its batch; a text
-    longer than the budget on its own gets a batch of one. Every index appears exactly once.
-    """
-    if budget < 1:
-        raise ValueError("token budget must be >= 1")
-    order = sorted(range(len(tokens)), key=lambda i: (tokens[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        if current and (len(current) + 1) * tokens[index] > budget:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def padded_tokens(tokens: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
-    """Tokens the model computes for `batches`: each batch costs its size x its longest text."""
-    return sum(len(batch) * max(tokens[i] for i in batch) for batch in batches if batch)
-
-
-def shuffled(batches: list[list[int]], seed: int = 0) -> list[list[int]]:
-    """`batches` in a seeded random order: a time-capped prefix then samples every length,
-    not only the shortest texts of a length-sorted schedule."""
-    order = list(batches)
-    random.Random(seed).shuffle(order)
-    return order
-
-
 @dataclass
 class PlanResult:
-    """One schedule timed: texts/s is the best of its passes."""
+    """One schedule timed: texts/s is the best of its passes; the token counts are of the
+    batches that best pass ran (`padded_tokens`: slots computed, padding included)."""
 
     label: str
-    kind: str  # "fixed" or "budget"
+    kind: str  # "fixed", "budget" or "packed"
     param: int  # batch size or token budget
     batches: int
     texts: int  # texts embedded per pass (a time-capped pass may stop before the end)
     padded_tokens: int
     texts_per_s: float
     passes: int
+    backend: str = "padded"
+    order: str = "corpus"
+    row_tokens: int | None = None
+    real_tokens: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +64,52 @@ def time_plan(
     return done_batches, done_texts, time.perf_counter() - started
 
 
+def measure_schedules(
+    models: Mapping[str, Embedder],
+    texts: Sequence[str],
+    tokens: Sequence[int],
+    schedules: Sequence[Schedule],
+    passes: int,
+) -> list[PlanResult]:
+    """Time every schedule `passes` times, odd passes in reverse order; keep each one's best
+    pass. Each model is warmed up first."""
+    for model in models.values():
+        time_plan(model, texts, fixed_batches(min(64, len(texts)), 16), None)
+    passes = max(1, passes)
+    best: dict[int, tuple[int, int, float]] = {}
+    for number in range(passes):
+        order: Iterable[int] = range(len(schedules))
+        if number % 2:
+            order = reversed(range(len(schedules)))
+        for at in order:
+            schedule = schedules[at]
+            run = time_plan(models[schedule.model], texts, schedule.batches, schedule.max_s)
+            kept = best.get(at)
+            if kept is None or run[1] / run[2] > kept[1] / kept[2]:
+                best[at] = run
+    results = []
+    for at, schedule in enumerate(schedules):
+        ran_batches, ran_texts, seconds = best[at]
+        ran = schedule.batches[:ran_batches]
+        results.append(
+            PlanResult(
+                label=schedule.label,
+                kind=schedule.kind,
+                param=schedule.param,
+                batches=ran_batches,
+                texts=ran_texts,
+                padded_tokens=slot_tokens(tokens, ran, schedule.row_tokens),
+                texts_per_s=ran_texts / seconds,
+                passes=passes,
+                backend=schedule.backend,
+                order=schedule.order,
+                row_tokens=schedule.row_tokens,
+                real_tokens=sum(tokens[i] for batch in ran for i in batch),
+            )
+        )
+    return results
+
+
 def measure_plans(
     model: Embedder,
     texts: Sequence[str],
@@ -114,53 +121,34 @@ def measure_plans(
     fixed_max_s: float | None,
     budget_max_s: float | None,
 ) -> list[PlanResult]:
-    """Time every schedule `passes` times; keep each schedule's best pass."""
-    plans: list[tuple[str, str, int, list[list[int]], float | None]] = [
-        (f"fixed {size}", "fixed", size, fixed_batches(len(texts), size), fixed_max_s)
-        for size in fixed_sizes
-    ]
-    plans += [
-        (
-            f"sorted, budget {budget}",
-            "budget",
-            budget,
-            shuffled(budget_batches(tokens, budget)),
-            budget_max_s,
-        )
-        for budget in budgets
-    ]
-    time_plan(model, texts, fixed_batches(min(64, len(texts)), 16), None)  # warm-up
-    results = []
-    for label, kind, param, batches, max_s in plans:
-        best: tuple[int, int, float] | None = None
-        for _ in range(max(1, passes)):
-            run = time_plan(model, texts, batches, max_s)
-            if best is None or run[1] / run[2] > best[1] / best[2]:
-                best = run
-        assert best is not None
-        ran = batches[: best[0]]
-        results.append(
-            PlanResult(
-                label=label,
-                kind=kind,
-                param=param,
-                batches=best[0],
-                texts=best[1],
-                padded_tokens=padded_tokens(tokens, ran),
-                texts_per_s=best[1] / best[2],
-                passes=max(1, passes),
-            )
-        )
-    return results
+    """The padded schedules alone, on one model (see `padded_schedules`)."""
+    schedules = padded_schedules(
+        tokens,
+        fixed_sizes=fixed_sizes,
+        budgets=budgets,
+        fixed_max_s=fixed_max_s,
+        budget_max_s=budget_max_s,
+    )
+    return measure_schedules({"padded": model}, texts, tokens, schedules, passes)
 
 
 def single_call_p50_ms(model: Embedder, texts: Sequence[str]) -> float:
     """Median milliseconds of ``embed([text])`` over `texts`, one after another."""
+    return single_calls_p50_ms({"model": model}, texts)["model"]
+
+
+def single_calls_p50_ms(models: Mapping[str, Embedder], texts: Sequence[str]) -> dict[str, float]:
+    """Median milliseconds of ``embed([text])`` over `texts` for each model; the models take
+    each text in turn (the first model changing from text to text), so drift is shared."""
+    names = list(models)
     for text in texts[:5]:
-        model.embed([text])
-    timings = []
-    for text in texts:
-        started = time.perf_counter()
-        model.embed([text])
-        timings.append((time.perf_counter() - started) * 1000)
-    return percentile(timings, 50)
+        for name in names:
+            models[name].embed([text])
+    timings: dict[str, list[float]] = {name: [] for name in names}
+    for at, text in enumerate(texts):
+        shift = at % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            models[name].embed([text])
+            timings[name].append((time.perf_counter() - started) * 1000)
+    return {name: percentile(values, 50) for name, values in timings.items()}

@@ -15,28 +15,29 @@ from pathlib import Path
 from typing import Any
 
 from bench.figures import (
+    BATCH_MODES,
     BUSY_SHARE_PCT,
     MODE_NAMES,
     MODES,
     TARGET_CLIENTS,
-    ceiling,
-    figure,
     fmt_ms,
     fmt_num,
     fmt_pct,
     fmt_spread,
-    fmt_x,
-    levels,
-    lone_gaps_ms,
-    on_off,
     other_cpu_shares,
     plural,
     runs,
-    table,
-    tail_ratios,
 )
-from bench.stats import finite, median, ratio, relative_spread, spread
-from bench.targets import Verdict, verdicts
+from bench.stats import finite, median, relative_spread, spread
+from bench.tables import (
+    corpora_table,
+    inprocess_table,
+    ratios_table,
+    server_table,
+    side_by_side_table,
+    targets_table,
+)
+from bench.targets import verdicts
 
 
 # -- sections -------------------------------------------------------------------------------
@@ -50,6 +51,17 @@ def _facts(results: dict[str, Any]) -> str:
     load1 = " / ".join(f"{x:.2f}" for x in machine.get("loadavg_end", []))
     env = config.get("server_env") or {}
     server_env = " ".join(f"`{k}={v}`" for k, v in env.items()) or "defaults"
+    servers = results.get("servers", {})
+    packed_note = {True: "runs packed", False: "runs padded", None: "backend unknown"}
+    server_modes = "; ".join(
+        f"{MODE_NAMES[mode]}: "
+        + (
+            " ".join(f"`{k}={v}`" for k, v in info["settings"].items() if k not in env)
+            or "defaults"
+        )
+        + f" ({packed_note[info.get('packed')]})"
+        for mode, info in servers.items()
+    )
     lines = [
         f"- Command: `{meta['command']}`"
         + (
@@ -69,223 +81,70 @@ def _facts(results: dict[str, Any]) -> str:
         f"cores busy with other processes in the second before the start: "
         f"{fmt_num(machine.get('busy_cores_start'), 2)}.",
         f"- Model: `{model.get('name', '-')}` ({model.get('max_tokens', '-')} tokens max, "
-        f"dimension {model.get('dimension', '-')}), loaded from its exported directory.",
-        f"- Server: `python -m embedserve serve` on 127.0.0.1, settings {server_env}; batching "
-        "off is the same with `ENABLE_BATCHING=false`. A fresh server per mode and repeat.",
-        f"- Server runs: {config['repeats']} repeat(s) of each; closed-loop clients at "
-        f"{', '.join(map(str, config['levels']))} clients on `POST /embed` (one text per "
-        f"request) for {config['duration_s']:g} s at >= 16 clients and "
+        f"dimension {model.get('dimension', '-')}, packed graph "
+        f"{'yes' if model.get('packed_graph') else 'no'}), loaded from its exported directory.",
+        f"- Servers: `python -m embedserve serve` on 127.0.0.1, settings {server_env}; three "
+        f"up at once for the whole run, by mode: {server_modes or '-'}. Batching off keeps the "
+        "default backend and runs one text per model call.",
+        f"- Server runs: {config['repeats']} repeat(s); in each, for each corpus and client "
+        "level, every server runs once, one after another, in an order that rotates from "
+        "level to level and from repeat to repeat (idle servers take no CPU). Closed-loop "
+        f"clients at {', '.join(map(str, config['levels']))} clients on `POST /embed` (one "
+        f"text per request) for {config['duration_s']:g} s at >= 16 clients and "
         f"{config['duration_s'] * 0.6:.2f} s below, the 1-client run the first "
-        f"{config['lone_requests']} texts in order; `POST /embed/batch` with "
-        f"{config['batch_group']} texts per request at "
-        f"{', '.join(map(str, config['batch_levels'])) or 'no'} clients; {config['warmup_s']:g} s "
-        "of 64-client warm-up per server and corpus, unmeasured.",
+        f"{config['lone_requests']} texts in order; `POST /embed/batch` ("
+        f"{', '.join(MODE_NAMES[m] for m in BATCH_MODES)}) with {config['batch_group']} "
+        f"texts per request at {', '.join(map(str, config['batch_levels'])) or 'no'} clients; "
+        f"{config['warmup_s']:g} s of 64-client warm-up per server and corpus, unmeasured.",
         "- Load generator: a separate process (`bench/loadgen.py`), raw HTTP/1.1 keep-alive "
         "connections on asyncio/uvloop with pre-built requests; its CPU time is in the tables "
-        "next to the server's. Mean batch size is from `/metrics` deltas.",
-        f"- In process: `embed()` at fixed batch sizes "
+        "next to the server's. Mean batch size and fill (real tokens / token slots computed, "
+        "padding included) are from `/metrics` deltas around each run. Server CPU per "
+        "completed request is read from /proc just before and after the load: the main "
+        "thread (the event loop: HTTP, routing, handlers, the batcher) apart from the other "
+        "threads (ONNX Runtime's and the workers that call the model).",
+        f"- In process, padded backend (FastEmbed): `embed()` at fixed batch sizes "
         f"{', '.join(map(str, config['fixed_sizes']))} in corpus order (each stops after "
         f"{config['fixed_max_s'] or '-'} s), and length-sorted batches under padded-token "
         f"budgets {', '.join(map(str, config['budgets']))} (texts x longest <= budget, the "
         "whole corpus known in advance"
         + (f", each stops after {config['budget_max_s']} s" if config["budget_max_s"] else "")
-        + f"); best of {config['inprocess_passes']} pass(es). The best is the ceiling.",
+        + ").",
+        "- In process, packed backend: the server's packed planner over a queue of the whole "
+        f"corpus, rows of {', '.join(map(str, config.get('pack_rows', [])))} tokens, token "
+        f"budgets {', '.join(map(str, config.get('pack_budgets', [])))} (budget // row rows a "
+        "batch), the queue length-sorted (full knowledge) or in corpus order (arrival, "
+        f"looking {config.get('pack_lookahead', '-')} texts ahead)"
+        + (
+            f"; each stops after {config['packed_max_s']} s (batches in random order)"
+            if config.get("packed_max_s")
+            else ""
+        )
+        + f". Packed and padded schedules alternate; best of {config['inprocess_passes']} "
+        "pass(es), every other pass in reverse order. The best of all is the ceiling.",
     ]
     return "\n".join(lines)
-
-
-def _corpora(results: dict[str, Any]) -> str:
-    rows = []
-    notes = []
-    for name, c in results["corpora"].items():
-        tokens = c.get("tokens", {})
-        used = c.get("texts", "-")
-        if c.get("file_texts") not in (None, used):
-            used = f"{used} (first of {c['file_texts']})"
-        rows.append(
-            [
-                name,
-                used,
-                c.get("distinct", "-"),
-                fmt_num(c.get("words", {}).get("median"), 0),
-                fmt_num(c.get("chars", {}).get("median"), 0),
-                " / ".join(fmt_num(tokens.get(k), 0) for k in ("median", "p90", "p99", "max")),
-                fmt_num(tokens.get("mean"), 1),
-                tokens.get("at_limit", "-"),
-            ]
-        )
-        notes.append(f"- {c.get('description', name)} (`{c.get('file', '-')}`)")
-    text = table(
-        [
-            "corpus",
-            "texts",
-            "distinct",
-            "words p50",
-            "chars p50",
-            "tokens p50 / p90 / p99 / max",
-            "tokens mean",
-            "at token limit",
-        ],
-        rows,
-    )
-    return (
-        "Both corpora are generated deterministically by `loadtests/corpus.py` and committed. "
-        "Tokens are the model's own count (special tokens included, cut at its limit).\n\n"
-        + "\n".join(notes)
-        + "\n\n"
-        + text
-    )
-
-
-def _targets(items: list[Verdict]) -> str:
-    return table(
-        ["target", "corpus", "figure (median)", "range over repeats", "threshold", "verdict"],
-        [[v.target, v.corpus, v.value, v.range, v.threshold, v.label] for v in items],
-    )
-
-
-def _ratios(results: dict[str, Any]) -> str:
-    corpora = list(results["corpora"])
-    rows: list[list[object]] = []
-
-    def row(label: str, values: list[str]) -> None:
-        rows.append([label, *values])
-
-    tops = [ceiling(results, c) for c in corpora]
-    row("in-process ceiling, texts/s", [f"{fmt_num(t)} ({label})" for t, label in tops])
-    for clients in sorted({c for corpus in corpora for c in levels(results, corpus, "batching")}):
-        row(
-            f"batching at {plural(clients)} / ceiling",
-            [
-                fmt_x(ratio(figure(results, c, "batching", clients, "embeddings_per_s")[0], t))
-                for c, (t, _) in zip(corpora, tops, strict=True)
-            ],
-        )
-    for clients in sorted(
-        {c for corpus in corpora for c in levels(results, corpus, "no-batching")}
-    ):
-        row(
-            f"batching / batching off at {plural(clients)}",
-            [fmt_x(on_off(results, c, clients)[0]) for c in corpora],
-        )
-    for clients in sorted(
-        {c for corpus in corpora for c in levels(results, corpus, "batch-endpoint")}
-    ):
-        row(
-            f"/embed/batch at {plural(clients)} / ceiling",
-            [
-                fmt_x(
-                    ratio(figure(results, c, "batch-endpoint", clients, "embeddings_per_s")[0], t)
-                )
-                for c, (t, _) in zip(corpora, tops, strict=True)
-            ],
-        )
-    row(
-        "in-process single call p50",
-        [
-            fmt_ms(results.get("inprocess", {}).get(c, {}).get("single_call_p50_ms"))
-            for c in corpora
-        ],
-    )
-    row(
-        "lone request p50 (1 client, batching)",
-        [fmt_ms(figure(results, c, "batching", 1, "p50_ms")[0]) for c in corpora],
-    )
-    row(
-        "lone p50 minus in-process p50", [fmt_ms(median(lone_gaps_ms(results, c))) for c in corpora]
-    )
-    row(
-        f"p99 / p50 at {TARGET_CLIENTS} clients",
-        [fmt_x(median(tail_ratios(results, c))) for c in corpora],
-    )
-    return table(["ratio", *corpora], rows)
-
-
-def _inprocess(results: dict[str, Any], corpus: str) -> str:
-    data = results.get("inprocess", {}).get(corpus)
-    if not data:
-        return "Not measured."
-    top, _ = ceiling(results, corpus)
-    rows = [
-        [
-            plan["label"] + (" **(ceiling)**" if plan["texts_per_s"] == top else ""),
-            plan["batches"],
-            plan["texts"],
-            f"{plan['padded_tokens']:,}",
-            fmt_num(plan["texts_per_s"]),
-            fmt_x(ratio(plan["texts_per_s"], top)),
-        ]
-        for plan in data["plans"]
-    ]
-    text = table(
-        ["schedule", "batches run", "texts", "padded tokens", "texts/s", "vs ceiling"], rows
-    )
-    return (
-        f"{text}\n\nSingle-call `embed([text])` p50 over the first "
-        f"{data['single_call_texts']} texts: {fmt_ms(data['single_call_p50_ms'])}."
-    )
-
-
-def _server(results: dict[str, Any], corpus: str, modes: Sequence[str]) -> str:
-    rows = []
-    for mode in modes:
-        for clients in levels(results, corpus, mode):
-            group = runs(results, corpus, mode, clients)
-
-            def cell(key: str, digits: int = 1, group: list[dict[str, Any]] = group) -> str:
-                values = [r.get(key) for r in group]
-                return fmt_spread(median(values), *spread(values), digits=digits)
-
-            errors = sum(int(r["errors"]) for r in group)
-            rows.append(
-                [
-                    MODE_NAMES[mode],
-                    clients,
-                    fmt_num(median(r["requests"] for r in group), 0),
-                    cell("embeddings_per_s"),
-                    cell("p50_ms"),
-                    cell("p95_ms"),
-                    cell("p99_ms"),
-                    fmt_num(median(r.get("mean_batch") for r in group), 2),
-                    str(errors) if errors == 0 else f"**{errors}**",
-                    fmt_num(median(r.get("server_cpu_s") for r in group)),
-                    fmt_num(median(r.get("client_cpu_s") for r in group), 2),
-                    fmt_num(median(r.get("rss_max_mb") for r in group), 0),
-                ]
-            )
-    if not rows:
-        return "Not measured."
-    return table(
-        [
-            "mode",
-            "clients",
-            "requests",
-            "embeddings/s",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms",
-            "mean batch",
-            "errors",
-            "server CPU s",
-            "loadgen CPU s",
-            "RSS max MiB",
-        ],
-        rows,
-    )
 
 
 def _memory(results: dict[str, Any]) -> str:
     lines = []
     for corpus in results["corpora"]:
-        values = [r.get("rss_max_mb") for r in runs(results, corpus, "batching", TARGET_CLIENTS)]
+        peaks = []
+        for mode in MODES:
+            values = [r.get("rss_max_mb") for r in runs(results, corpus, mode, TARGET_CLIENTS)]
+            peaks.append(
+                f"{MODE_NAMES[mode]} {fmt_spread(median(values), *spread(values), digits=0)} MiB"
+            )
         lines.append(
-            f"- Server RSS (one model loaded) under {TARGET_CLIENTS} clients, {corpus}: peak "
-            f"{fmt_spread(median(values), *spread(values), digits=0)} MiB."
+            f"- Server RSS (one model loaded) under {TARGET_CLIENTS} clients, {corpus}, peak: "
+            + ", ".join(peaks)
+            + "."
         )
     soak = results.get("soak")
     if soak:
         lines.append(
-            f"- Soak: {soak['clients']} clients on `{soak['corpus']}` for "
+            f"- Soak (packed server, after the runs above): {soak['clients']} clients on "
+            f"`{soak['corpus']}` for "
             f"{fmt_num(soak['duration_s'], 0)} s, RSS sampled every {soak['interval_s']:g} s "
             f"({len(soak['samples'])} samples): start {fmt_num(soak['start_mb'])} MiB, end "
             f"{fmt_num(soak['end_mb'])} MiB, max {fmt_num(soak['max_mb'])} MiB, growth "
@@ -309,25 +168,29 @@ def _noise(results: dict[str, Any]) -> str:
     busy_now = busy > 0.2 if busy is not None else load0[0] > 0.5 * cores
     worst: tuple[float, str] = (math.nan, "")
     worst_p99: tuple[float, str] = (math.nan, "")
-    for corpus in results["corpora"]:
-        for mode in MODES:
-            for clients in levels(results, corpus, mode):
-                group = runs(results, corpus, mode, clients)
-                label = f"{MODE_NAMES[mode]}, {corpus}, {plural(clients)}"
-                thr = relative_spread(r["embeddings_per_s"] for r in group)
-                p99 = relative_spread(r["p99_ms"] for r in group)
-                if not math.isnan(thr) and (math.isnan(worst[0]) or thr > worst[0]):
-                    worst = (thr, label)
-                if not math.isnan(p99) and (math.isnan(worst_p99[0]) or p99 > worst_p99[0]):
-                    worst_p99 = (p99, label)
+    groups = {
+        (r["corpus"], r["mode"], r["endpoint"], r["clients"]) for r in results.get("server", [])
+    }
+    for corpus, mode, endpoint, clients in sorted(groups):
+        group = runs(results, corpus, mode, clients, endpoint)
+        where = "" if endpoint == "embed" else " on /embed/batch"
+        label = f"{MODE_NAMES[mode]}{where}, {corpus}, {plural(clients)}"
+        thr = relative_spread(r["embeddings_per_s"] for r in group)
+        p99 = relative_spread(r["p99_ms"] for r in group)
+        if not math.isnan(thr) and (math.isnan(worst[0]) or thr > worst[0]):
+            worst = (thr, label)
+        if not math.isnan(p99) and (math.isnan(worst_p99[0]) or p99 > worst_p99[0]):
+            worst_p99 = (p99, label)
     other = _other_cpu(results)
     server_cpu = sum(finite(r.get("server_cpu_s") for r in results.get("server", [])))
     client_cpu = sum(finite(r.get("client_cpu_s") for r in results.get("server", [])))
     wall = sum(finite(r.get("wall_s") for r in results.get("server", [])))
     parts = [
-        f"Server figures are medians of {repeats} run(s), each on a freshly started server, "
-        "with min-max in parentheses; in-process figures are the best pass, so the ceiling "
-        "errs high rather than low.",
+        f"Server figures are medians of {repeats} run(s) with min-max in parentheses; the "
+        "three servers stay up for the whole run and take turns, so the runs a ratio compares "
+        "are minutes apart at most, and ratios between servers are taken per repeat before "
+        "their median. In-process figures are the best pass, so the ceiling errs high rather "
+        "than low.",
         f"The 1-minute load average at the start was {load0[0]:.2f} on {cores} cores (it "
         "decays over minutes, so it also remembers work that had just ended); other processes "
         f"kept {fmt_num(busy, 2)} cores busy in the second before the start"
@@ -398,8 +261,9 @@ def render(results: dict[str, Any], plot_name: str | None) -> str:
         "",
         "<!-- Generated by `make bench` (bench/report.py): do not edit; rerun it. -->",
         "",
-        "embedserve against the same model called in process, on the same machine and texts "
-        "in one run. Every number below is generated from the measurements.",
+        "embedserve's packed and padded batching, and batching off, against the same model "
+        "called in process, on the same machine and texts in one run. Every number below is "
+        "generated from the measurements.",
     ]
     if meta["config"].get("quick"):
         out += ["", "> **Quick smoke run** (`BENCH_QUICK=1`): the figures are indicative only."]
@@ -407,9 +271,9 @@ def render(results: dict[str, Any], plot_name: str | None) -> str:
     if warning:
         out += ["", warning]
     out += ["", "## How this was measured", "", _facts(results)]
-    out += ["", "## Corpora", "", _corpora(results)]
-    out += ["", "## Targets", "", _targets(verdicts(results))]
-    out += ["", "## Ratios", "", _ratios(results)]
+    out += ["", "## Corpora", "", corpora_table(results)]
+    out += ["", "## Targets", "", targets_table(verdicts(results))]
+    out += ["", "## Ratios", "", ratios_table(results)]
     if plot_name:
         out += [
             "",
@@ -419,13 +283,29 @@ def render(results: dict[str, Any], plot_name: str | None) -> str:
         ]
     out += ["", "## In-process ceiling"]
     for corpus in corpora:
-        out += ["", f"### {corpus}", "", _inprocess(results, corpus)]
-    out += ["", "## Server: single-text clients on `POST /embed`"]
+        out += ["", f"### {corpus}", "", inprocess_table(results, corpus)]
+    out += [
+        "",
+        "## Server: single-text clients on `POST /embed`",
+        "",
+        "Medians over repeats (texts/s with min-max); fill is real tokens / token slots "
+        "computed; loop CPU is the server's main thread per completed request; packed / "
+        "padded is the median of the per-repeat ratios of texts/s (min-max).",
+    ]
     for corpus in corpora:
-        out += ["", f"### {corpus}", "", _server(results, corpus, ("batching", "no-batching"))]
+        out += ["", f"### {corpus}", "", side_by_side_table(results, corpus, "embed", MODES)]
     out += ["", "## Server: `POST /embed/batch`"]
     for corpus in corpora:
-        out += ["", f"### {corpus}", "", _server(results, corpus, ("batch-endpoint",))]
+        out += ["", f"### {corpus}", "", side_by_side_table(results, corpus, "batch", BATCH_MODES)]
+    out += ["", "## Server runs in detail"]
+    for corpus in corpora:
+        out += ["", f"### {corpus}, `POST /embed`", "", server_table(results, corpus, MODES)]
+        out += [
+            "",
+            f"### {corpus}, `POST /embed/batch`",
+            "",
+            server_table(results, corpus, BATCH_MODES, "batch"),
+        ]
     out += ["", "## Memory", "", _memory(results)]
     out += ["", "## Noise", "", _noise(results), ""]
     return "\n".join(out)
@@ -433,12 +313,14 @@ def render(results: dict[str, Any], plot_name: str | None) -> str:
 
 def summary(results: dict[str, Any]) -> str:
     """A short plain summary for the terminal: the ratios and the verdicts."""
-    lines = ["", "== embedserve benchmark summary ==", "", _ratios(results), ""]
+    lines = ["", "== embedserve benchmark summary ==", "", ratios_table(results), ""]
     warning = _busy_warning(results)
     if warning:
         lines += [warning.removeprefix("> ").replace("**", ""), ""]
     lines += [
-        f"- {v.target} [{v.corpus}]: {v.value} (threshold {v.threshold}): {v.label}"
+        f"- {v.target} [{v.corpus}]: {v.value} "
+        + (v.threshold if v.info else f"(threshold {v.threshold})")
+        + f": {v.label}"
         for v in verdicts(results)
     ]
     lines += ["", _memory(results)]

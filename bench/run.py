@@ -1,24 +1,28 @@
 """``make bench``: the configuration, the order of measurements, and where results go.
 
 One run, on one machine and one set of texts: machine facts, then the in-process ceiling
-for each corpus (before any server shares the cores), then for each repeat a server with
-batching on (single-text clients at every concurrency level, then ``/embed/batch``) and one
-with batching off, then the RSS soak. Results are saved after every measurement to
-``build/bench/results.json``; the report and plot are generated from that file only.
+for each corpus (both backends, before any server shares the cores), then three servers up at
+once (packed, padded, batching off) measured in turns: for each repeat, corpus and client
+level every server runs once, in an order that rotates from level to level and repeat to
+repeat (the machine's speed drifts by tens of percent within minutes, so the modes a ratio
+compares are measured minutes apart at most). Then the RSS soak on the packed server.
+Results are saved after every measurement to ``build/bench/results.json``; the report and
+plot are generated from that file only.
 
-Environment: ``BENCH_QUICK=1`` (a 2-3 minute smoke run), ``BENCH_REPEATS`` (3),
+Environment: ``BENCH_QUICK=1`` (a 3-4 minute smoke run), ``BENCH_REPEATS`` (3),
 ``BENCH_SOAK_S`` (300). Command-line options override them (``--help``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,8 +35,16 @@ if str(ROOT) not in sys.path:
 from bench import inprocess, report  # noqa: E402
 from bench.facts import describe, load_corpus, machine_facts, own_cpu_s  # noqa: E402
 from bench.loadgen import machine_busy_s, other_cpu_s  # noqa: E402
+from bench.schedules import interleave, packed_schedules, padded_schedules  # noqa: E402
 
 CORPORA = ("mixed", "short")
+# The servers of a run, by mode: the settings each adds to the run's own (`--server-env`).
+SERVER_MODES: dict[str, dict[str, str]] = {
+    "packed": {},
+    "padded": {"ENABLE_PACKING": "false"},
+    "no-batching": {"ENABLE_BATCHING": "false"},
+}
+BATCH_ENDPOINT_MODES = ("packed", "padded")  # the servers measured on /embed/batch too
 
 
 @dataclass
@@ -54,9 +66,13 @@ class Config:
     soak_interval_s: float = 1.0
     fixed_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 32, 64, 128, 256])
     budgets: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192])
+    pack_budgets: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])
+    pack_rows: list[int] = field(default_factory=lambda: [128, 256])
+    pack_lookahead: int = 256  # the server's PACK_LOOKAHEAD, for the arrival-order queue
     inprocess_passes: int = 2
     fixed_max_s: float | None = 4.0
     budget_max_s: float | None = None
+    packed_max_s: float | None = 3.0
     server_env: dict[str, str] = field(default_factory=dict)
     plot: bool = True
 
@@ -68,7 +84,8 @@ class Config:
 
 
 def quick_config() -> Config:
-    """The ``BENCH_QUICK=1`` smoke run: one repeat of short runs on a cut corpus."""
+    """The ``BENCH_QUICK=1`` smoke run: one repeat of short runs on a cut corpus, fewer
+    in-process schedules."""
     return Config(
         quick=True,
         repeats=1,
@@ -78,8 +95,11 @@ def quick_config() -> Config:
         warmup_s=1.0,
         soak_s=10.0,
         inprocess_passes=1,
+        fixed_sizes=[1, 4, 16, 32, 64],  # a batch of 256 long texts alone takes seconds
         fixed_max_s=1.0,
         budget_max_s=1.5,
+        pack_budgets=[512, 1024],
+        packed_max_s=1.0,
     )
 
 
@@ -102,6 +122,8 @@ def parse_args(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, ar
     parser.add_argument("--warmup", type=float, help="warm-up seconds per server and corpus")
     parser.add_argument("--fixed-sizes", help="in-process fixed batch sizes")
     parser.add_argument("--budgets", help="in-process padded-token budgets")
+    parser.add_argument("--pack-budgets", help="in-process packed token budgets, e.g. 512,1024")
+    parser.add_argument("--pack-rows", help="in-process packed row lengths, e.g. 128,256")
     parser.add_argument("--passes", type=int, help="in-process passes per schedule (best kept)")
     parser.add_argument(
         "--server-env",
@@ -137,6 +159,8 @@ def parse_args(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, ar
         "warmup_s": args.warmup,
         "fixed_sizes": args.fixed_sizes and _ints(args.fixed_sizes),
         "budgets": args.budgets and _ints(args.budgets),
+        "pack_budgets": args.pack_budgets and _ints(args.pack_budgets),
+        "pack_rows": args.pack_rows and _ints(args.pack_rows),
         "inprocess_passes": args.passes,
     }
     for name, value in overrides.items():
@@ -147,6 +171,42 @@ def parse_args(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, ar
     if config.repeats < 1 or config.soak_s < 0 or config.lone_requests < 1:
         parser.error("repeats and --lone must be >= 1 and the soak >= 0 s")
     return config, args
+
+
+@dataclass(frozen=True)
+class Step:
+    """One client level of one repeat and corpus: every mode in `modes` runs it, in order."""
+
+    repeat: int
+    corpus: str
+    endpoint: str  # "embed" or "batch"
+    clients: int
+    modes: tuple[str, ...]
+
+
+def rotation(modes: Sequence[str], shift: int) -> tuple[str, ...]:
+    """`modes` rotated left by `shift`: (A, B, C), 1 -> (B, C, A)."""
+    shift %= len(modes)
+    return (*modes[shift:], *modes[:shift])
+
+
+def server_steps(config: Config) -> list[Step]:
+    """The order of the server runs: repeat, then corpus, then level (``/embed`` levels, then
+    ``/embed/batch``); at each, every mode, rotated one further than the level before, and
+    one further than the same level in the repeat before (so over len(modes) repeats each
+    mode goes first once at every level)."""
+    steps = []
+    for repeat in range(1, config.repeats + 1):
+        at = 0
+        for corpus in config.corpora:
+            levels = [("embed", c) for c in config.levels]
+            levels += [("batch", c) for c in config.batch_levels]
+            for endpoint, clients in levels:
+                modes = tuple(SERVER_MODES) if endpoint == "embed" else BATCH_ENDPOINT_MODES
+                shifted = rotation(modes, repeat - 1 + at)
+                steps.append(Step(repeat, corpus, endpoint, clients, shifted))
+                at += 1
+    return steps
 
 
 def busy_note(result: dict[str, Any]) -> str:
@@ -174,6 +234,7 @@ class Run:
             },
             "corpora": {},
             "inprocess": {},
+            "servers": {},
             "server": [],
             "soak": None,
         }
@@ -210,123 +271,183 @@ class Run:
         return texts_by_name
 
     def in_process(self, texts_by_name: dict[str, list[str]]) -> None:
-        """The ceiling and single-call latency for each corpus; the model is freed after."""
+        """The ceiling and single-call latency of both backends for each corpus; the models
+        are freed after."""
         from embedserve.backend import load_local
+        from embedserve.packed import load_packed
         from embedserve.store import ModelStore
         from tests.serverutil import DEFAULT_MODEL, model_manifest, models_dir
 
         manifest = ModelStore(models_dir()).get(DEFAULT_MODEL)
         if manifest is None:
             raise SystemExit(f"no model at {model_manifest().parent}: run 'make model' first")
-        backend = load_local(model_manifest().parent, manifest, threads=None)
-        self.results["meta"]["model"] = {
-            "name": DEFAULT_MODEL,
-            "max_tokens": backend.max_tokens,
-            "dimension": backend.dimension,
-        }
+        model_dir = model_manifest().parent
         config = self.config
+        padded = load_local(model_dir, manifest, threads=None)
+        loaded: list[Any] = [padded]
         try:
+            models: dict[str, inprocess.Embedder] = {"padded": padded}
+            rows = config.pack_rows if manifest.packed else []
+            for row in rows:
+                packed = load_packed(model_dir, manifest, threads=None, row_tokens=row)
+                loaded.append(packed)
+                models[f"packed {row}"] = packed
+            if not manifest.packed:
+                self.log(f"warning: {DEFAULT_MODEL} has no packed graph; packed plans skipped")
+            self.results["meta"]["model"] = {
+                "name": DEFAULT_MODEL,
+                "max_tokens": padded.max_tokens,
+                "dimension": padded.dimension,
+                "packed_graph": manifest.packed,
+            }
+            # A single text is one row of its own length, whatever the row length.
+            singles: dict[str, inprocess.Embedder] = {"padded": padded}
+            if rows:
+                singles["packed"] = models[f"packed {rows[0]}"]
             for name, texts in texts_by_name.items():
-                tokens = backend.count_tokens(texts)
-                self.results["corpora"][name].update(describe(texts, tokens, backend.max_tokens))
-                self.log(f"in process, {name}: {len(texts)} texts")
-                busy0, own0, wall0 = machine_busy_s(), own_cpu_s(), time.perf_counter()
-                plans = inprocess.measure_plans(
-                    backend,
-                    texts,
-                    tokens,
-                    fixed_sizes=config.fixed_sizes,
-                    budgets=config.budgets,
-                    passes=config.inprocess_passes,
-                    fixed_max_s=config.fixed_max_s,
-                    budget_max_s=config.budget_max_s,
-                )
-                lone = texts[: config.lone_requests]
-                single_p50 = inprocess.single_call_p50_ms(backend, lone)
-                busy1, own1 = machine_busy_s(), own_cpu_s()
-                self.results["inprocess"][name] = {
-                    "plans": [plan.as_dict() for plan in plans],
-                    "single_call_p50_ms": single_p50,
-                    "single_call_texts": len(lone),
-                    "wall_s": time.perf_counter() - wall0,
-                    "own_cpu_s": own1 - own0,
-                    "other_cpu_s": other_cpu_s(
-                        None if busy0 is None or busy1 is None else busy1 - busy0, own1 - own0
-                    ),
-                }
-                best = max(plans, key=lambda plan: plan.texts_per_s)
-                self.log(f"  ceiling {best.texts_per_s:.1f} texts/s ({best.label})")
-                self.save()
+                self._in_process_corpus(name, texts, padded.tokenize(texts), models, singles)
         finally:
-            backend.close()
+            for backend in loaded:
+                backend.close()
 
-    def server_runs(self) -> None:
-        """Every repeat: a batching server and a batching-off server, in alternating order."""
+    def _in_process_corpus(
+        self,
+        name: str,
+        texts: list[str],
+        token_ids: Sequence[Sequence[int]],
+        models: dict[str, inprocess.Embedder],
+        singles: dict[str, inprocess.Embedder],
+    ) -> None:
+        config = self.config
+        tokens = [len(ids) for ids in token_ids]
+        max_tokens = self.results["meta"]["model"]["max_tokens"]
+        self.results["corpora"][name].update(describe(texts, tokens, max_tokens))
+        self.log(f"in process, {name}: {len(texts)} texts")
+        busy0, own0, wall0 = machine_busy_s(), own_cpu_s(), time.perf_counter()
+        padded_plans = padded_schedules(
+            tokens,
+            fixed_sizes=config.fixed_sizes,
+            budgets=config.budgets,
+            fixed_max_s=config.fixed_max_s,
+            budget_max_s=config.budget_max_s,
+        )
+        packed_plans = packed_schedules(
+            tokens,
+            budgets=config.pack_budgets,
+            rows=[row for row in config.pack_rows if f"packed {row}" in models],
+            lookahead=config.pack_lookahead,
+            max_s=config.packed_max_s,
+        )
+        plans = inprocess.measure_schedules(
+            models, texts, tokens, interleave(padded_plans, packed_plans), config.inprocess_passes
+        )
+        lone = texts[: config.lone_requests]
+        single_p50 = inprocess.single_calls_p50_ms(singles, lone)
+        busy1, own1 = machine_busy_s(), own_cpu_s()
+        self.results["inprocess"][name] = {
+            "plans": [plan.as_dict() for plan in plans],
+            "single_call_p50_ms": single_p50,
+            "single_call_texts": len(lone),
+            "wall_s": time.perf_counter() - wall0,
+            "own_cpu_s": own1 - own0,
+            "other_cpu_s": other_cpu_s(
+                None if busy0 is None or busy1 is None else busy1 - busy0, own1 - own0
+            ),
+        }
+        for backend in ("packed", "padded"):
+            kept = [plan for plan in plans if plan.backend == backend]
+            if kept:
+                best = max(kept, key=lambda plan: plan.texts_per_s)
+                self.log(
+                    f"  best {backend}: {best.texts_per_s:.1f} texts/s ({best.label}); "
+                    f"single call p50 {single_p50.get(backend, float('nan')):.2f} ms"
+                )
+        self.save()
+
+    @contextlib.contextmanager
+    def servers(self) -> Iterator[dict[str, Any]]:
+        """Every server of `SERVER_MODES`, up at once until the block ends (then stopped)."""
+        from bench.server import runs_packed
+        from tests.serverutil import running_server
+
         base = dict(self.config.server_env)
-        modes = {"batching": base, "no-batching": {**base, "ENABLE_BATCHING": "false"}}
-        for repeat in range(1, self.config.repeats + 1):
-            order = list(modes) if repeat % 2 else list(reversed(modes))
-            for mode in order:
-                self._one_server(mode, modes[mode], repeat)
+        with contextlib.ExitStack() as stack:
+            servers = {}
+            for mode, settings in SERVER_MODES.items():
+                env = {**base, **settings}
+                server = stack.enter_context(running_server(env, log_dir=self.work / "logs"))
+                servers[mode] = server
+                packed = runs_packed(server.base_url)
+                self.results["servers"][mode] = {"settings": env, "packed": packed}
+                self.log(f"server {mode}: pid {server.pid}, port {server.port}, packed {packed}")
+            if self.results["servers"]["packed"]["packed"] is not True:
+                self.log("warning: the packed server does not run packed (no packed graph?)")
+            self.save()
+            yield servers
 
-    def _one_server(self, mode: str, env: dict[str, str], repeat: int) -> None:
+    def server_runs(self, servers: dict[str, Any]) -> None:
+        """Every `server_steps` step: each mode in turn, warm-ups before a corpus's first."""
         from bench.loadgen import run_load
         from bench.server import load_spec, measure
-        from tests.serverutil import running_server
 
         config = self.config
-        with running_server(env, log_dir=self.work / "logs") as server:
-            for corpus, path in self.texts_paths.items():
-                if config.warmup_s > 0:
-                    run_load(load_spec(server, path, 64, duration_s=config.warmup_s))
-                levels: list[tuple[str, int]] = [("embed", c) for c in config.levels]
-                if mode == "batching":
-                    levels += [("batch", c) for c in config.batch_levels]
-                for endpoint, clients in levels:
-                    if endpoint == "batch":
-                        spec = load_spec(
-                            server,
-                            path,
-                            clients,
-                            duration_s=config.duration_s * 0.8,
-                            endpoint="batch",
-                            group=config.batch_group,
-                        )
-                    elif clients == 1:
-                        spec = load_spec(server, path, 1, max_requests=config.lone_requests)
-                    else:
-                        spec = load_spec(
-                            server, path, clients, duration_s=config.duration_for(clients)
-                        )
-                    result = measure(server, spec)
-                    label = "batch-endpoint" if endpoint == "batch" else mode
-                    result.update({"corpus": corpus, "mode": label, "repeat": repeat})
-                    self.results["server"].append(result)
-                    self.save()
-                    self.log(
-                        f"{label:>14} {corpus:>5} c={clients:<3} r{repeat}: "
-                        f"{result['embeddings_per_s']:7.1f}/s p50 {result['p50_ms']:6.1f} "
-                        f"p99 {result['p99_ms']:6.1f} ms batch {result['mean_batch']:.2f} "
-                        f"errors {result['errors']}" + busy_note(result)
+        warm: set[str] = set()
+        for step in server_steps(config):
+            path = self.texts_paths[step.corpus]
+            if step.corpus not in warm and config.warmup_s > 0:
+                for mode in SERVER_MODES:
+                    run_load(load_spec(servers[mode], path, 64, duration_s=config.warmup_s))
+                warm.add(step.corpus)
+            for position, mode in enumerate(step.modes):
+                server = servers[mode]
+                if step.endpoint == "batch":
+                    spec = load_spec(
+                        server,
+                        path,
+                        step.clients,
+                        duration_s=config.duration_s * 0.8,
+                        endpoint="batch",
+                        group=config.batch_group,
                     )
+                elif step.clients == 1:
+                    spec = load_spec(server, path, 1, max_requests=config.lone_requests)
+                else:
+                    spec = load_spec(
+                        server, path, step.clients, duration_s=config.duration_for(step.clients)
+                    )
+                result = measure(server, spec)
+                result.update(
+                    {
+                        "corpus": step.corpus,
+                        "mode": mode,
+                        "repeat": step.repeat,
+                        "position": position,
+                    }
+                )
+                self.results["server"].append(result)
+                self.save()
+                where = "/embed/batch" if step.endpoint == "batch" else "/embed"
+                self.log(
+                    f"{mode:>11} {where:<12} {step.corpus:>5} c={step.clients:<3} "
+                    f"r{step.repeat}: {result['embeddings_per_s']:7.1f}/s "
+                    f"p50 {result['p50_ms']:6.1f} p99 {result['p99_ms']:6.1f} ms "
+                    f"batch {result['mean_batch']:5.2f} fill {result['fill']:.2f} "
+                    f"loop {result['loop_cpu_ms']:.2f} ms/req errors {result['errors']}"
+                    + busy_note(result)
+                )
 
-    def soak(self) -> None:
-        """RSS over time under `soak_clients` clients on the first corpus, batching on."""
-        from bench.loadgen import run_load
-        from bench.server import load_spec, soak
-        from tests.serverutil import running_server
+    def soak(self, server: Any) -> None:
+        """RSS over time under `soak_clients` clients on the first corpus (packed server)."""
+        from bench.server import soak
 
         config = self.config
         if config.soak_s <= 0:
             return
         corpus = config.corpora[0]
         path = self.texts_paths[corpus]
-        with running_server(dict(config.server_env), log_dir=self.work / "logs") as server:
-            if config.warmup_s > 0:
-                run_load(load_spec(server, path, config.soak_clients, duration_s=config.warmup_s))
-            self.log(f"soak: {config.soak_clients} clients, {corpus}, {config.soak_s:g} s")
-            result = soak(server, path, config.soak_clients, config.soak_s, config.soak_interval_s)
-        result["corpus"] = corpus
+        self.log(f"soak: {config.soak_clients} clients, {corpus}, {config.soak_s:g} s")
+        result = soak(server, path, config.soak_clients, config.soak_s, config.soak_interval_s)
+        result.update({"corpus": corpus, "mode": "packed"})
         self.results["soak"] = result
         self.log(
             f"soak: RSS {result['start_mb']:.0f} -> {result['end_mb']:.0f} MiB "
@@ -379,8 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.log(f"warning: other processes keep {busy:.2f} cores busy; figures will be low")
     texts_by_name = run.corpora()
     run.in_process(texts_by_name)
-    run.server_runs()
-    run.soak()
+    with run.servers() as servers:
+        run.server_runs(servers)
+        run.soak(servers["packed"])
     run.finish()
     write_outputs(run.results, args.out, config.plot, run.log)
     print(report.summary(run.results))

@@ -1,12 +1,14 @@
-"""The real server under load: one measured run, its /metrics deltas and its memory.
+"""The real server under load: one measured run, its /metrics deltas, CPU and memory.
 
 The server is started by `tests.serverutil.running_server` (a subprocess on a free loopback
 port); this module only measures it. RSS is sampled from /proc by a thread of this process
-while the load generator (another process) drives the server.
+while the load generator (another process) drives the server; the generator reads the
+server's CPU (whole process and main thread, from /proc) just before and after its load.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,8 @@ import httpx
 
 from bench.loadgen import LoadSpec, run_load
 from bench.stats import ratio, rss_trend
+
+COUNTERS = ("batches", "texts", "real_tokens", "slot_tokens")
 
 
 def rss_mb(pid: int) -> float | None:
@@ -72,10 +76,48 @@ class RssSampler:
         return max((mb for _, mb in self.samples), default=None)
 
 
+def counters(base_url: str) -> dict[str, int]:
+    """The server's cumulative `COUNTERS` from ``GET /metrics``: model batches run, texts
+    embedded, and the real tokens and token slots (padding included) those batches computed."""
+    data = httpx.get(f"{base_url}/metrics", timeout=10).json()
+    batching = data["batching"]
+    return {
+        "batches": int(batching["batches"]),
+        "texts": int(data["total_embeddings"]),
+        "real_tokens": int(batching.get("real_tokens", 0)),
+        "slot_tokens": int(batching.get("slot_tokens", 0)),
+    }
+
+
 def batch_counters(base_url: str) -> tuple[int, int]:
     """(model batches run, texts embedded) so far, from ``GET /metrics``."""
-    data = httpx.get(f"{base_url}/metrics", timeout=10).json()
-    return int(data["batching"]["batches"]), int(data["total_embeddings"])
+    now = counters(base_url)
+    return now["batches"], now["texts"]
+
+
+def runs_packed(base_url: str) -> bool | None:
+    """Whether the server's loaded models all run packed (None: no model loaded)."""
+    models = httpx.get(f"{base_url}/metrics", timeout=10).json()["batching"]["models"]
+    flags = [bool(m.get("packed")) for m in models.values()]
+    return all(flags) if flags else None
+
+
+def batching_deltas(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """What a run's batches were like, from the counters before and after it: mean texts per
+    batch and mean fill (real tokens / token slots computed; NaN when nothing ran)."""
+    delta = {key: after[key] - before[key] for key in COUNTERS}
+    return {
+        "batches": delta["batches"],
+        "mean_batch": ratio(delta["texts"], delta["batches"]),
+        "real_tokens": delta["real_tokens"],
+        "slot_tokens": delta["slot_tokens"],
+        "fill": ratio(delta["real_tokens"], delta["slot_tokens"]),
+    }
+
+
+def ms_per_request(cpu_s: float | None, requests: int) -> float:
+    """CPU milliseconds per completed request (NaN when unknown or none completed)."""
+    return math.nan if cpu_s is None or requests <= 0 else cpu_s * 1000 / requests
 
 
 def load_spec(
@@ -110,13 +152,16 @@ def load_spec(
 
 
 def measure(server: Any, spec: LoadSpec, rss_interval_s: float = 0.5) -> dict[str, Any]:
-    """One measured run: throughput, latency, mean batch size, CPU and peak RSS."""
-    batches0, texts0 = batch_counters(server.base_url)
+    """One measured run: throughput, latency, mean batch size and fill, the server's CPU per
+    completed request (event loop, other threads, total) and its peak RSS."""
+    before = counters(server.base_url)
     with RssSampler(server.pid, rss_interval_s) as rss:
         raw = run_load(spec)
-    batches1, texts1 = batch_counters(server.base_url)
+    batching = batching_deltas(before, counters(server.base_url))
     per_request = spec.group if spec.endpoint == "batch" else 1
     latency = raw["latency_ms"]
+    total_cpu, loop_cpu = raw["server_cpu_s"], raw.get("server_loop_cpu_s")
+    threads_cpu = None if total_cpu is None or loop_cpu is None else total_cpu - loop_cpu
     return {
         "endpoint": spec.endpoint,
         "clients": spec.clients,
@@ -130,8 +175,15 @@ def measure(server: Any, spec: LoadSpec, rss_interval_s: float = 0.5) -> dict[st
         "p50_ms": latency["p50"],
         "p95_ms": latency["p95"],
         "p99_ms": latency["p99"],
-        "mean_batch": ratio(texts1 - texts0, batches1 - batches0),
-        "server_cpu_s": raw["server_cpu_s"],
+        "mean_batch": batching["mean_batch"],
+        "fill": batching["fill"],
+        "real_tokens": batching["real_tokens"],
+        "slot_tokens": batching["slot_tokens"],
+        "server_cpu_s": total_cpu,
+        "server_loop_cpu_s": loop_cpu,
+        "loop_cpu_ms": ms_per_request(loop_cpu, raw["ok"]),
+        "threads_cpu_ms": ms_per_request(threads_cpu, raw["ok"]),
+        "server_cpu_ms": ms_per_request(total_cpu, raw["ok"]),
         "client_cpu_s": raw["client_cpu_s"],
         "other_cpu_s": raw["other_cpu_s"],
         "rss_max_mb": rss.max_mb,
