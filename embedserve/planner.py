@@ -102,12 +102,30 @@ class PackLimits:
 
 
 def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
-    """Rows of text indices, first-fit in the given order: each text goes into the first row
-    with room for it, else a new row. A text longer than a row fills a row of its own.
+    """Rows of text indices for one packed run of texts with these token counts.
 
-    The packed backend packs with this function and the planner predicts with it, so the
-    batch the planner accepted is the batch that runs.
+    First-fit in the given order decides how many rows the texts need (each goes into the
+    first row with room, else a new row; a text longer than a row fills a row of its own).
+    The texts are then spread over that many rows longest first, each into the least-filled
+    row, when that makes the longest row shorter: a run computes rows x its longest row, so
+    rows of 256 + 100 tokens cost 512 slots, and two of 178 cost 356. The planner predicts
+    the rows with this function and the packed backend packs with it.
     """
+    rows = _first_fit(lengths, row_tokens)
+    if len(rows) < 2:
+        return rows
+    balanced: list[list[int]] = [[] for _ in rows]
+    load = [0] * len(rows)
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(len(rows)), key=load.__getitem__)
+        balanced[r].append(index)
+        load[r] += lengths[index]
+    if max(load) < max(sum(lengths[i] for i in row) for row in rows):
+        return balanced
+    return rows
+
+
+def _first_fit(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
     rows: list[list[int]] = []
     room: list[int] = []
     for index, length in enumerate(lengths):

@@ -124,3 +124,13 @@ def test_packed_plan_looks_only_so_far_past_the_oldest() -> None:
     # Duplicates of a text inside the window still ride along.
     names = ["a", "b", "c", "d", "a"]
     assert plan_packed([10] * 5, names, packed(lookahead=2)) == [0, 1, 4]
+
+
+def test_pack_rows_spreads_texts_over_the_rows_first_fit_needs() -> None:
+    # First-fit: 200+50 and 60+40, so the run would compute 2 x 250 slots; spread longest
+    # first into the least-filled row, the longest row is 200 and the run computes 2 x 200.
+    rows = pack_rows([200, 60, 50, 40], 256)
+    assert sorted(map(sorted, rows)) == [[0], [1, 2, 3]]
+    assert packed_slots([200, 60, 50, 40], 256) == 2 * 200
+    # Spreading is kept only when it shortens the longest row.
+    assert pack_rows([60, 50, 30, 40, 10], 100) == [[0, 2, 4], [1, 3]]
