@@ -142,7 +142,8 @@ def _never_below(results: dict[str, Any], corpus: str) -> Verdict:
 def _corpus_verdicts(results: dict[str, Any], corpus: str) -> list[Verdict]:
     out: list[Verdict] = []
     at = TARGET_CLIENTS
-    if corpus == TAIL_CORPUS or TAIL_CORPUS not in results.get("corpora", {}):
+    mixed = corpus == TAIL_CORPUS or TAIL_CORPUS not in results.get("corpora", {})
+    if mixed:
         out.append(
             _check(
                 f"packed p99 / p50 at {at} clients",
@@ -163,16 +164,16 @@ def _corpus_verdicts(results: dict[str, Any], corpus: str) -> list[Verdict]:
             )
         )
     for clients, threshold in TARGET_PACKED_OVER_PADDED.items():
-        out.append(
-            _check(
-                f"packed / padded texts/s at {plural(clients)}",
-                corpus,
-                paired(results, corpus, "packed", "padded", clients),
-                threshold,
-                fmt_x,
-                at_most=False,
+        target = f"packed / padded texts/s at {plural(clients)}"
+        ratios = paired(results, corpus, "packed", "padded", clients)
+        if mixed:
+            out.append(_check(target, corpus, ratios, threshold, fmt_x, at_most=False))
+        else:
+            # Packing pays where lengths mix; on texts of nearly one length padding costs
+            # little, so the target is the mixed corpus's and this row only reports.
+            out.append(
+                _report(target, corpus, ratios, fmt_x, f"(target {fmt_x(threshold)} on mixed)")
             )
-        )
     top, label = ceiling(results, corpus)
     out.append(
         _report(
