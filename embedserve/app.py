@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -17,7 +16,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from embedserve import backend
 from embedserve.auth import ApiKeyAuth, load_api_keys
@@ -25,7 +24,7 @@ from embedserve.backend import Backend
 from embedserve.batcher import BatchPolicy
 from embedserve.errors import EmbedServeError, ValidationFailed
 from embedserve.limits import BodySizeLimit
-from embedserve.logs import ARRIVED_AT, AccessLog
+from embedserve.logs import AccessLog
 from embedserve.prometheus import PrometheusMetrics
 from embedserve.ratelimit import RateLimit, TokenBuckets
 from embedserve.registry import ModelRegistry
@@ -95,17 +94,6 @@ def policy_from(settings: Settings) -> BatchPolicy:
     )
 
 
-class _StampArrival:
-    """Records when each request reached the app, so draining can tell old from new."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[ARRIVED_AT] = time.monotonic()
-        await self.app(scope, receive, send)
-
-
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Starlette:
     """The ASGI app. `registry` defaults to one with the real loader (tests pass a fake)."""
     registry = registry if registry is not None else build_registry(settings)
@@ -124,7 +112,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
 
     # First is outermost. CORS wraps auth and rate limit so their 401/429 carry CORS headers;
     # auth runs before the rate limit so a refused request spends no key's budget.
-    middleware = [Middleware(_StampArrival)]
+    # `AccessLog`, outside all of these, stamps each request's arrival (see `_App`).
+    middleware: list[Middleware] = []
     if settings.enable_cors:
         middleware.append(
             Middleware(
@@ -185,6 +174,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     app.state.registry = registry
     app.state.stats = AppStats()
     app.state.prometheus = prometheus
+    # What every handler reads, in one lookup (each of `app.state`'s costs an exception).
+    app.state.parts = (settings, registry, app.state.stats)
     return app
 
 

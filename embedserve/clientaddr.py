@@ -8,6 +8,7 @@ Anything to its left was supplied by the client and is ignored.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
@@ -47,11 +48,9 @@ def client_address(scope: Scope, trusted: Sequence[IPNetwork] = ()) -> str:
     client = scope.get("client")
     if not client:
         return "unknown"
-    peer = parse_address(str(client[0]))
-    if peer is None:
-        return str(client[0])
-    if not _is_trusted(peer, trusted):
-        return str(peer)
+    peer, shown = _peer(str(client[0]))
+    if peer is None or not _is_trusted(peer, trusted):
+        return shown
     chosen = peer
     for hop in reversed(_forwarded_for(scope)):
         address = parse_address(hop)
@@ -61,6 +60,14 @@ def client_address(scope: Scope, trusted: Sequence[IPNetwork] = ()) -> str:
         if not _is_trusted(address, trusted):
             break
     return str(chosen)
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer(host: str) -> tuple[IPAddress | None, str]:
+    """The socket peer parsed, and as logged. Cached: a keep-alive connection sends many
+    requests from one address, and parsing it is most of this module's time."""
+    address = parse_address(host)
+    return address, host if address is None else str(address)
 
 
 def _is_trusted(address: IPAddress, trusted: Sequence[IPNetwork]) -> bool:

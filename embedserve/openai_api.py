@@ -37,7 +37,14 @@ from embedserve.errors import (
     ModelUnavailable,
     ValidationFailed,
 )
-from embedserve.handling import ClientGone, json_body, run_embed, state, timing_headers
+from embedserve.handling import (
+    ClientGone,
+    Endpoint,
+    json_body,
+    run_embed,
+    state,
+    timing_headers,
+)
 from embedserve.registry import ModelRegistry
 from embedserve.responses import JSONResponse
 from embedserve.schemas import TEXT_SCHEMA, ModelName, check_texts, validate
@@ -47,17 +54,20 @@ TOKEN_IDS_REFUSED = (
     "token ids are specific to a tokenizer; send the text as a string or an array of strings"
 )
 
+# Errors about the model's name, reported with ``param: "model"``.
+_REFUSED_NAME = (InvalidModelName, ModelNotAllowed, ModelNotFound)
+
 INPUT_SCHEMA: dict[str, Any] = {
     "anyOf": [TEXT_SCHEMA, {"type": "array", "items": TEXT_SCHEMA, "minItems": 1}]
 }
 
 
 def openai_routes() -> list[BaseRoute]:
-    """The ``/v1`` routes."""
+    """The ``/v1`` routes, ``POST /v1/embeddings`` first."""
     return [
-        Route("/v1/embeddings", create_embeddings, methods=["POST"]),
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model_name:path}", retrieve_model, methods=["GET"]),
+        Route("/v1/embeddings", Endpoint(create_embeddings), methods=["POST"]),
+        Route("/v1/models", Endpoint(list_models), methods=["GET"]),
+        Route("/v1/models/{model_name:path}", Endpoint(retrieve_model), methods=["GET"]),
     ]
 
 
@@ -107,10 +117,12 @@ async def create_embeddings(request: Request) -> Response:
         if native is not None:  # else (a catalogue model not loaded yet) checked below
             _check_dimensions(body.model, body.dimensions, native)
     try:
-        with _about_model():
-            result, _ = await run_embed(request, body.model, texts)
+        result, _ = await run_embed(request, body.model, texts)
     except ClientGone:
         return Response(status_code=499)
+    except _REFUSED_NAME as exc:  # as `_about_model`, without a context manager per request
+        exc.param = "model"
+        raise
     vectors = result.vectors
     if body.dimensions is not None:
         _check_dimensions(body.model, body.dimensions, vectors.shape[1])
@@ -207,7 +219,7 @@ def _about_model() -> Iterator[None]:
     """Name ``model`` as the field at fault when the model name is refused."""
     try:
         yield
-    except (InvalidModelName, ModelNotAllowed, ModelNotFound) as exc:
+    except _REFUSED_NAME as exc:
         exc.param = "model"
         raise
 

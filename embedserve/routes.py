@@ -15,7 +15,14 @@ from embedserve.errors import (
     ModelNotFound,
     ValidationFailed,
 )
-from embedserve.handling import ClientGone, json_body, run_embed, state, timing_headers
+from embedserve.handling import (
+    ClientGone,
+    Endpoint,
+    json_body,
+    run_embed,
+    state,
+    timing_headers,
+)
 from embedserve.prometheus import prometheus_answer
 from embedserve.registry import ModelRegistry
 from embedserve.responses import JSONResponse, error_response
@@ -34,15 +41,18 @@ def routes() -> list[BaseRoute]:
     from embedserve.openai_api import openai_routes
     from embedserve.openapi import openapi_json  # here: it imports this module's handlers
 
+    # The router tries routes in order: the embedding endpoints, the busy ones, come first.
+    embeddings, *openai_rest = openai_routes()
     return [
-        Route("/embed", embed, methods=["POST"]),
-        Route("/embed/batch", embed_batch, methods=["POST"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/ready", ready, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/models", list_models, methods=["GET"]),
-        Route("/models/{model_name:path}", show_model, methods=["GET"]),
-        *openai_routes(),
+        Route("/embed", Endpoint(embed), methods=["POST"]),
+        Route("/embed/batch", Endpoint(embed_batch), methods=["POST"]),
+        embeddings,
+        Route("/health", Endpoint(health), methods=["GET"]),
+        Route("/ready", Endpoint(ready), methods=["GET"]),
+        Route("/metrics", Endpoint(metrics), methods=["GET"]),
+        Route("/models", Endpoint(list_models), methods=["GET"]),
+        Route("/models/{model_name:path}", Endpoint(show_model), methods=["GET"]),
+        *openai_rest,
         Route("/openapi.json", openapi_json, methods=["GET"]),
         *docs_routes(),
     ]

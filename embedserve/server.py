@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import socket
@@ -21,6 +22,12 @@ from embedserve.registry import ModelRegistry
 from embedserve.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# Python collects its youngest generation every 700 net allocations of container objects.
+# With 64 requests in flight that was every few requests, and each collection promoted the
+# live requests' frames and dicts to older generations that were then traversed again: a
+# fifth of the event loop's CPU per request. 10,000 lets most request objects die first.
+GC_YOUNG_THRESHOLD = 10_000
 
 
 class _Server(uvicorn.Server):
@@ -91,6 +98,20 @@ def configure_logging(settings: Settings) -> None:
     route_library_logs()
 
 
+def _tune_gc() -> None:
+    """Keep the cyclic garbage collector off the request path.
+
+    Everything imported by now (some 80,000 objects: Starlette, pydantic, numpy, ONNX
+    Runtime's bindings) lives as long as the process, so it is frozen out of every later
+    collection, which otherwise traversed all of it (~0.1 s on the event loop, each time).
+    Models load afterwards, so an offloaded model's memory can still be collected.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 def serve(settings: Settings, registry: ModelRegistry | None = None) -> int:
     """Serve until a signal; returns the exit status (3: start-up failed).
 
@@ -103,6 +124,7 @@ def serve(settings: Settings, registry: ModelRegistry | None = None) -> int:
     configure_logging(settings)
     warn_if_exposed(settings)
     app = create_app(settings, registry)
+    _tune_gc()
     config = uvicorn.Config(
         _OneLineStartupFailure(app),
         host=settings.host,

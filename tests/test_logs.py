@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,7 @@ from starlette.types import Message
 
 from embedserve.logs import (
     TEXT_FORMAT,
+    WRITE_INTERVAL_S,
     JsonFormatter,
     TextFormatter,
     configure_logging,
@@ -312,3 +314,21 @@ def test_background_logging_writes_everything_by_the_time_it_stops() -> None:
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["n"] for line in lines[:50]] == list(range(50))
     assert lines[-1]["message"] == "after the stop"
+
+
+def test_background_lines_are_written_in_batches_without_a_stop() -> None:
+    stream = io.StringIO()
+    saved_handlers, saved_level = logging.root.handlers[:], logging.root.level
+    configure_logging("INFO", "text", stream, background=True)
+    try:
+        for index in range(3):
+            logging.getLogger("embedserve.test").info("line %d", index)
+        deadline = time.monotonic() + 10
+        while stream.getvalue().count("\n") < 3 and time.monotonic() < deadline:
+            time.sleep(WRITE_INTERVAL_S / 5)
+        lines = stream.getvalue().splitlines()
+    finally:
+        stop_background_logging()
+        logging.root.handlers[:] = saved_handlers
+        logging.root.setLevel(saved_level)
+    assert [line.rsplit(": ", 1)[1] for line in lines] == ["line 0", "line 1", "line 2"]

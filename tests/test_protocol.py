@@ -110,6 +110,34 @@ async def test_complete_heads_are_served_and_each_request_gets_its_own_deadline(
     assert error_of(rest)["error_type"] == "header_timeout"
 
 
+async def test_a_head_in_pieces_is_served_and_its_deadline_runs_from_its_first_byte() -> None:
+    async with server() as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for piece in (b"GET / HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):  # one request
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(DEADLINE_S / 4)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert await asyncio.wait_for(reader.readexactly(2), 5) == b"ok"
+            # The next head stalls after two reads: its deadline is not moved by the second.
+            writer.write(b"GET / HTTP/1.1\r\n")
+            await writer.drain()
+            started = time.monotonic()
+            await asyncio.sleep(DEADLINE_S * 0.8)
+            writer.write(b"Host: x\r\n")
+            await writer.drain()
+            rest = await asyncio.wait_for(reader.read(), 10)
+            took = time.monotonic() - started
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+    assert error_of(rest)["error_type"] == "header_timeout"
+    assert DEADLINE_S - 0.05 <= took < DEADLINE_S * 1.6  # counted from the second read: 1.8
+
+
 @pytest.mark.parametrize(
     "sent",
     [

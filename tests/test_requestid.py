@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 
 import pytest
 
@@ -47,3 +48,9 @@ def test_the_first_header_decides() -> None:
     assert request_id(headers) == "first"
     unsafe_first = [(b"x-request-id", b"bad value"), (b"x-request-id", b"good")]
     assert GENERATED.fullmatch(request_id(unsafe_first))
+
+
+def test_a_fresh_id_is_a_version_4_uuid() -> None:
+    made = uuid.UUID(hex=request_id([]))
+    assert made.version == 4
+    assert made.variant == uuid.RFC_4122
