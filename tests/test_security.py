@@ -301,7 +301,12 @@ def test_rate_limits_hold_per_key_not_per_address(
         a_there = [post(client, KEY_A, there) for _ in range(2)]  # same key, other address
         b_here = [post(client, KEY_B, here) for _ in range(LIMIT)]  # other key, same address
         b_spent = post(client, KEY_B, there)
+        # Access lines are written in batches (logs.WRITE_INTERVAL_S): wait for the last ones.
+        deadline = time.monotonic() + 10
         log = server.log()
+        while "client=198.51.100.2" not in log and time.monotonic() < deadline:
+            time.sleep(0.05)
+            log = server.log()
     seconds = time.monotonic() - started
     a_codes = [r.status_code for r in a_here + a_there]
     b_codes = [r.status_code for r in b_here]
