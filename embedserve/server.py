@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 # Python collects its youngest generation every 700 net allocations of container objects.
 # With 64 requests in flight that was every few requests, and each collection promoted the
-# live requests' frames and dicts to older generations that were then traversed again: a
-# fifth of the event loop's CPU per request. 10,000 lets most request objects die first.
+# live requests' frames and dicts to older generations that were then traversed again:
+# with the full collections, ~0.2 ms of the event loop's ~1.2 ms per request at 64 clients.
+# At 10,000, most request objects are gone before a collection looks at them.
 GC_YOUNG_THRESHOLD = 10_000
 
 
