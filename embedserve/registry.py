@@ -2,7 +2,9 @@
 
 Each loaded model gets a `MicroBatcher`; requests go through `ModelRegistry.embed`, which
 holds a lease on the model for the whole request so it is never evicted with work queued
-or in flight.
+or in flight. One module because loading, leases, eviction and offload all change the same
+table of entries under the same rules (just over the ~400-line guide; the entry records
+are already in `entries.py`).
 """
 
 from __future__ import annotations
