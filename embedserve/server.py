@@ -126,13 +126,21 @@ def serve(settings: Settings, registry: ModelRegistry | None = None) -> int:
     warn_if_exposed(settings)
     app = create_app(settings, registry)
     _tune_gc()
-    config = uvicorn.Config(
+    server = _Server(uvicorn_config(settings, app), app.state.registry, settings.shutdown_grace_s)
+    server.run()
+    return 0 if server.started else 3
+
+
+def uvicorn_config(settings: Settings, app: ASGIApp) -> uvicorn.Config:
+    """uvicorn's configuration for `app` from the settings."""
+    return uvicorn.Config(
         _OneLineStartupFailure(app),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         lifespan="on",
         http=protocol_class(settings.header_timeout_s),  # slow-loris heads: 408 + close
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         log_config=None,  # uvicorn's records go through our handler, in LOG_FORMAT
         access_log=False,  # AccessLog writes one line per request (ACCESS_LOG)
@@ -141,6 +149,3 @@ def serve(settings: Settings, registry: ModelRegistry | None = None) -> int:
         # middleware saves a layer on every request.
         proxy_headers=False,
     )
-    server = _Server(config, app.state.registry, settings.shutdown_grace_s)
-    server.run()
-    return 0 if server.started else 3

@@ -88,6 +88,14 @@ class Settings(BaseSettings):
         "Seconds from a request's headers to the end of its body; a slower body gets 408.",
         gt=0,
     )
+    keep_alive_s: float = _field(
+        "KEEP_ALIVE_S",
+        75.0,
+        "Seconds an idle kept-alive connection stays open. Longer than clients' and load "
+        "balancers' idle timeouts (httpx 5, ALB 60), so they close first: a server closing a "
+        "connection just as a client reuses it fails that request.",
+        gt=0,
+    )
     header_timeout_s: float = _field(
         "HEADER_TIMEOUT_S",
         10.0,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
+from starlette.responses import PlainTextResponse
 
+from embedserve.server import uvicorn_config
 from embedserve.settings import DEFAULT_MODEL, Settings, SettingsError
 
 SEED_NAMES = [
@@ -105,3 +108,14 @@ def test_body_timeout_reads_both_names_and_refuses_non_positive(
     monkeypatch.setenv("EMBEDSERVE_BODY_TIMEOUT_S", "0")
     with pytest.raises(SettingsError, match="invalid setting BODY_TIMEOUT_S"):
         Settings.from_env()
+
+
+def test_idle_connections_are_kept_longer_than_clients_keep_them() -> None:
+    # Closing an idle connection as a client reuses it fails that request (httpx ReadError):
+    # the client must give up on an idle connection first. httpx's default is 5 s, as was
+    # uvicorn's.
+    app = PlainTextResponse("ok")
+    client_expiry = httpx.Limits().keepalive_expiry
+    assert client_expiry is not None
+    assert uvicorn_config(Settings.build(), app).timeout_keep_alive > client_expiry
+    assert uvicorn_config(Settings.build(keep_alive_s=2.5), app).timeout_keep_alive == 2.5
