@@ -27,6 +27,21 @@ Vectors = npt.NDArray[np.float32]
 # A text's token ids as the model runs them (specials included, truncation applied).
 TokenIds = Sequence[int]
 
+
+def token_ids(tokenizer: Any, texts: Sequence[str]) -> list[TokenIds]:
+    """The ids a `tokenizers.Tokenizer` gives each text (no padding, as it truncates).
+
+    One text: `encode`, which keeps the GIL (`encode_batch` releases it and, on the event
+    loop, then waits up to the interpreter's switch interval, 5 ms, to get it back). More:
+    `encode_batch_fast` where the library has it (0.21+: no character offsets, ~15% less
+    time on the mixed corpus), else `encode_batch`.
+    """
+    if len(texts) == 1:
+        return [tokenizer.encode(texts[0]).ids]
+    encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
+    return [e.ids for e in encode(list(texts))]
+
+
 # FastEmbed keeps custom models in class-level lists; registration is not thread-safe.
 _REGISTRATION_LOCK = threading.Lock()
 
@@ -104,11 +119,7 @@ class FastEmbedBackend:
         return vectors
 
     def tokenize(self, texts: Sequence[str]) -> list[TokenIds]:
-        if len(texts) == 1:
-            # `encode` keeps the GIL; `encode_batch` releases it and, on the event loop,
-            # then waits up to the interpreter's switch interval (5 ms) to get it back.
-            return [self._tokenizer.encode(texts[0]).ids]
-        return [e.ids for e in self._tokenizer.encode_batch(list(texts))]
+        return token_ids(self._tokenizer, texts)
 
     def close(self) -> None:
         self._model = None

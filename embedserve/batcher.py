@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -31,8 +32,11 @@ from embedserve.planner import BatchLimits, PackLimits, packed_slots, plan_batch
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# Requests with more characters than this are tokenised in a worker thread (measured with
-# MiniLM's tokenizer: ~25 us for a 70-character text, ~2.3 ms for 8,192 characters).
+# An idle model's request with at most this many characters is tokenised on the event loop,
+# so that a lone request pays no thread hop; every other request is tokenised in a worker
+# thread, together with whatever else arrived meanwhile (`_tokenize_loop`). MiniLM's
+# tokenizer takes ~1 us a character on the 2-core machine: ~0.15 ms for a text of the mixed
+# corpus, the largest single share of the event loop's time per request under load.
 INLINE_TOKENIZE_CHARS = 2048
 RunSync = Callable[[Callable[[], T]], Awaitable[T]]
 # What `_isolate` embeds to tell a backend that fails on every input from two poison texts
@@ -125,11 +129,22 @@ class _Item:
     ids: TokenIds
 
 
+@dataclass(eq=False)
+class _Arrival:
+    """A text admitted but not tokenised yet (see `_tokenize_loop`)."""
+
+    request: _Request
+    index: int
+    text: str
+
+
 class MicroBatcher:
     """Coalesces one model's queued texts into length-aware batches run in a worker thread.
 
-    Ownership: the queue (`_pending`) and every request future belong to this object; only
-    `submit` adds to the queue and only the loop task takes from it. Every future ends in
+    Ownership: the queues and every request future belong to this object. `submit` adds
+    texts to `_arrivals` (or, on an idle model, tokenises a short request itself and adds it
+    to `_pending`); the tokeniser task moves arrivals to `_pending` once tokenised, in order;
+    only the loop task takes from `_pending`. Every future ends in
     exactly one of result, exception or cancelled. Cancelling the caller of `submit` (client
     gone, timeout) cancels its future, and its texts are dropped before inference. When the
     backend raises on a batch, `_isolate` retries parts of it so that only the requests
@@ -144,6 +159,7 @@ class MicroBatcher:
         policy: BatchPolicy,
         *,
         run_sync: RunSync[Any] | None = None,
+        tokenize_sync: RunSync[Any] | None = None,
         clock: Callable[[], float] = time.perf_counter,
         on_batch: Callable[[BatchRecord], None] | None = None,
     ) -> None:
@@ -160,15 +176,20 @@ class MicroBatcher:
             lookahead=policy.lookahead,
         )
         self._run_sync: RunSync[Any] = run_sync or anyio.to_thread.run_sync
+        self._tokenize_sync: RunSync[Any] = tokenize_sync or anyio.to_thread.run_sync
         self._clock = clock
         self._on_batch = on_batch
-        self._pending: list[_Item] = []
+        self._pending: list[_Item] = []  # tokenised, in order of arrival
+        self._arrivals: list[_Arrival] = []  # admitted, for the tokeniser to take
+        self._tokenizing: list[_Arrival] = []  # what the tokeniser is working on
+        self._arrived = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()  # set by the loop whenever it finds nothing to do
         self._in_flight = 0
         self._cancelled = 0  # requests ended early since the queue was last cleaned
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._tokenizer_task: asyncio.Task[None] | None = None
         self._batch_seq = 0
         # When the last batch ended, while the loop has had work ever since (else None): the
         # pace of a busy model counts the time between batches too.
@@ -177,8 +198,8 @@ class MicroBatcher:
     # -- public surface --------------------------------------------------------------
     @property
     def queued(self) -> int:
-        """Texts admitted and waiting (cancelled ones until the loop drops them)."""
-        return len(self._pending)
+        """Texts admitted and waiting, tokenised or not (cancelled ones until dropped)."""
+        return len(self._pending) + len(self._arrivals) + len(self._tokenizing)
 
     @property
     def in_flight(self) -> int:
@@ -188,13 +209,16 @@ class MicroBatcher:
     @property
     def idle(self) -> bool:
         """True when nothing is queued or running."""
-        return not self._pending and self._in_flight == 0
+        return self.queued == 0 and self._in_flight == 0
 
     def start(self) -> None:
-        """Start the loop task (once). The batcher keeps the only reference to it."""
+        """Start the loop and tokeniser tasks (once). The batcher keeps the only references."""
+        loop = asyncio.get_running_loop()
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._loop(), name=f"batcher:{self.backend.name}"
+            self._task = loop.create_task(self._loop(), name=f"batcher:{self.backend.name}")
+        if self._tokenizer_task is None:
+            self._tokenizer_task = loop.create_task(
+                self._tokenize_loop(), name=f"tokenizer:{self.backend.name}"
             )
 
     async def submit(self, texts: Sequence[str], *, timeout_s: float | None = None) -> EmbedResult:
@@ -209,24 +233,25 @@ class MicroBatcher:
         if not texts:
             raise ValueError("submit needs at least one text")
         self._admit(len(texts), timeout_s)
-        if sum(map(len, texts)) > INLINE_TOKENIZE_CHARS:
-            # Tokenising long texts takes milliseconds: keep it off the event loop.
-            ids = await anyio.to_thread.run_sync(self.backend.tokenize, texts)
-            self._admit(len(texts), timeout_s)  # the queue may have filled meanwhile
-        else:
-            ids = self.backend.tokenize(texts)
         future: asyncio.Future[EmbedResult] = asyncio.get_running_loop().create_future()
         request = _Request(
             future=future,
             vectors=[None] * len(texts),
-            token_counts=[len(x) for x in ids],
+            token_counts=[0] * len(texts),
             submitted=self._clock(),
             remaining=len(texts),
         )
-        pairs = zip(texts, ids, strict=True)
-        self._pending.extend(_Item(request, i, text, n) for i, (text, n) in enumerate(pairs))
+        if self.idle and sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+            # Nothing else to do: a thread hop would only delay this request.
+            ids = self.backend.tokenize(texts)
+            request.token_counts = [len(x) for x in ids]
+            pairs = zip(texts, ids, strict=True)
+            self._pending.extend(_Item(request, i, text, n) for i, (text, n) in enumerate(pairs))
+            self._wakeup.set()
+        else:
+            self._arrivals.extend(_Arrival(request, i, text) for i, text in enumerate(texts))
+            self._arrived.set()
         future.add_done_callback(self._forget_if_cancelled)
-        self._wakeup.set()
         try:
             if timeout_s is None:
                 return await future
@@ -241,12 +266,12 @@ class MicroBatcher:
         """Seconds until `count` more texts would be embedded, at the recent pace (0 before
         the first batch)."""
         per_text = self.stats.recent_s_per_text or 0.0
-        return (len(self._pending) + self._in_flight + count) * per_text
+        return (self.queued + self._in_flight + count) * per_text
 
     def _admit(self, count: int, timeout_s: float | None = None) -> None:
         if self._closing:
             raise ShuttingDown()
-        queued = len(self._pending)
+        queued = self.queued
         if queued + count > self.policy.max_queue:
             raise Overloaded(
                 f"model {self.backend.name} is overloaded: {queued} texts queued "
@@ -282,16 +307,74 @@ class MicroBatcher:
             self._drained.clear()
             with anyio.move_on_after(grace_s):
                 await self._drained.wait()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._tokenizer_task, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._tokenizer_task = None
         self._fail_queued()
 
     def _fail_queued(self) -> None:
         leftovers, self._pending = self._pending, []
-        self._fail(leftovers, ShuttingDown())
+        arrivals, self._arrivals = self._arrivals, []
+        self._fail([*leftovers, *arrivals, *self._tokenizing], ShuttingDown())
+
+    # -- the tokeniser -----------------------------------------------------------------
+    async def _tokenize_loop(self) -> None:
+        """Tokenise arrivals in a worker thread, all that arrived since the last call in one
+        call, and queue them for the loop, in order.
+
+        Under load this keeps tokenising (the largest per-request cost the event loop had)
+        off the loop, and runs it while the model runs the batch before. A fault here fails
+        only the texts of that call; a text the tokenizer refuses fails only its request.
+        """
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            while self._arrivals:
+                chunk, self._arrivals = self._arrivals, []
+                batch = [a for a in chunk if not a.request.future.done()]
+                self.stats.dropped_texts += len(chunk) - len(batch)
+                if not batch:
+                    continue
+                # `_drop_cancelled` may replace this list (not `batch`) meanwhile.
+                self._tokenizing = batch
+                try:
+                    work = functools.partial(_tokenize_each, self.backend, [a.text for a in batch])
+                    results = await self._tokenize_sync(work)
+                    self._queue_tokenised(dict(zip(batch, results, strict=True)))
+                except asyncio.CancelledError:  # shutdown past its grace period
+                    self._fail(self._tokenizing, ShuttingDown())
+                    raise
+                except Exception:
+                    logger.exception(
+                        "tokenising %d texts for model %s failed", len(batch), self.backend.name
+                    )
+                    failure = InferenceFailed(f"tokenising failed for model {self.backend.name}")
+                    self._fail(self._tokenizing, failure)
+                finally:
+                    self._tokenizing = []
+                self._wakeup.set()
+
+    def _queue_tokenised(self, results: dict[_Arrival, TokenIds | Exception]) -> None:
+        """Queue the texts just tokenised that are still wanted, in order of arrival."""
+        refused: list[_Arrival] = []
+        for arrival in self._tokenizing:
+            ids = results[arrival]
+            request = arrival.request
+            if request.future.done():
+                self.stats.dropped_texts += 1
+            elif isinstance(ids, Exception):
+                refused.append(arrival)
+            else:
+                request.token_counts[arrival.index] = len(ids)
+                self._pending.append(_Item(request, arrival.index, arrival.text, ids))
+        if refused:
+            logger.error(
+                "the tokenizer of model %s refused %d texts", self.backend.name, len(refused)
+            )
+            self._fail(refused, InferenceFailed(f"tokenising failed for model {self.backend.name}"))
 
     # -- the loop --------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -301,7 +384,8 @@ class MicroBatcher:
             self._drop_cancelled()
             if not self._pending:
                 self._busy_since = None
-                self._drained.set()
+                if self.idle:
+                    self._drained.set()
                 continue
             # An idle model may wait briefly for companions; a busy one never does, because
             # requests that arrived during the last batch are already queued.
@@ -317,7 +401,8 @@ class MicroBatcher:
                 self._wakeup.set()
             else:
                 self._busy_since = None  # idle from here: the wait for work is not the pace
-                self._drained.set()
+                if self.idle:
+                    self._drained.set()
 
     async def _run_guarded(self) -> None:
         """One batch, with the loop's own faults contained: a bug in planning, bookkeeping or
@@ -355,8 +440,10 @@ class MicroBatcher:
             return
         self._cancelled = 0
         live = [item for item in self._pending if not item.request.future.done()]
-        self.stats.dropped_texts += len(self._pending) - len(live)
-        self._pending = live
+        arrived = [a for a in self._arrivals if not a.request.future.done()]
+        tokenizing = [a for a in self._tokenizing if not a.request.future.done()]
+        self.stats.dropped_texts += self.queued - len(live) - len(arrived) - len(tokenizing)
+        self._pending, self._arrivals, self._tokenizing = live, arrived, tokenizing
 
     def _take_batch(self) -> list[_Item]:
         pending = self._pending
@@ -483,7 +570,7 @@ class MicroBatcher:
             health.append(await self._embed([PROBE_TEXT], probe, {}) is None)
         return health[0]
 
-    def _fail(self, batch: list[_Item], error: Exception) -> None:
+    def _fail(self, batch: Sequence[_Item | _Arrival], error: Exception) -> None:
         for item in batch:
             if not item.request.future.done():
                 item.request.future.set_exception(error)
@@ -545,4 +632,19 @@ class MicroBatcher:
     def _retry_after_s(self) -> int:
         # Time to work off what is queued now; a guess of 10 ms a text before any batch ran.
         per_text = self.stats.recent_s_per_text or 0.01
-        return max(1, math.ceil((len(self._pending) + self._in_flight) * per_text))
+        return max(1, math.ceil((self.queued + self._in_flight) * per_text))
+
+
+def _tokenize_each(backend: Backend, texts: list[str]) -> list[TokenIds | Exception]:
+    """`backend.tokenize(texts)`; if that raises, each text alone, so that a text the
+    tokenizer refuses fails only itself. Runs in a worker thread."""
+    try:
+        return list(backend.tokenize(texts))
+    except Exception:
+        results: list[TokenIds | Exception] = []
+        for text in texts:
+            try:
+                results.append(backend.tokenize([text])[0])
+            except Exception as exc:
+                results.append(exc)
+        return results

@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from embedserve.backend import NonFiniteEmbedding, TokenIds, Vectors, return_freed_memory
+from embedserve.backend import (
+    NonFiniteEmbedding,
+    TokenIds,
+    Vectors,
+    return_freed_memory,
+    token_ids,
+)
 from embedserve.errors import ModelUnavailable
 from embedserve.planner import pack_rows
 from embedserve.store import PACKED_MODEL_FILE, Manifest, ModelFileMismatch, verify_model_file
@@ -134,11 +140,7 @@ class PackedBackend:
         self._normalize = normalize
 
     def tokenize(self, texts: Sequence[str]) -> list[TokenIds]:
-        if len(texts) == 1:
-            # `encode` keeps the GIL; `encode_batch` releases it and, on the event loop,
-            # then waits up to the interpreter's switch interval (5 ms) to get it back.
-            return [self._tokenizer.encode(texts[0]).ids]
-        return [e.ids for e in self._tokenizer.encode_batch(list(texts))]
+        return token_ids(self._tokenizer, texts)
 
     def embed(self, texts: Sequence[str], tokens: Sequence[TokenIds] | None = None) -> Vectors:
         if self._session is None:

@@ -539,6 +539,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         metavar="DIR",
         help="also record a flame graph of each run (warm-up included) into DIR with py-spy",
     )
+    parser.add_argument(
+        "--py-spy-format",
+        choices=["flamegraph", "raw"],
+        default="flamegraph",
+        help="py-spy's output: an SVG flame graph, or raw collapsed stacks to add up (flamegraph)",
+    )
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
     args = parser.parse_args(argv)
     args.endpoint = args.endpoint or ["embed"]
@@ -568,10 +574,11 @@ def _profiled(server: Server, args: argparse.Namespace, name: str) -> Iterator[N
         yield
         return
     args.py_spy.mkdir(parents=True, exist_ok=True)
-    out = args.py_spy / (name.replace("/", "_").replace(":", "-") + ".svg")
+    suffix = ".svg" if args.py_spy_format == "flamegraph" else ".txt"
+    out = args.py_spy / (name.replace("/", "_").replace(":", "-") + suffix)
     seconds = int(args.warmup + args.duration) + 1
     command = [args.py_spy_bin, "record", "--pid", str(server.proc.pid), "--duration", str(seconds)]
-    command += ["--nonblocking", "--threads", "--format", "flamegraph", "--output", str(out)]
+    command += ["--nonblocking", "--threads", "--format", args.py_spy_format, "--output", str(out)]
     spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield

@@ -27,7 +27,8 @@ class FakeBackend:
     """Embeds by hashing; tokens are whitespace words + 2. Records every batch it runs.
 
     Failures: `fail_next` fails the next call, `fail_always` every call, and `poison` every
-    call holding one of its texts. With `packed=True` it plans like a packed backend (rows
+    call holding one of its texts; `tokenize` raises on any call holding a text in
+    `refuse`. With `packed=True` it plans like a packed backend (rows
     of `row_tokens`) and records in `tokens` the ids each call was given.
     """
 
@@ -51,6 +52,8 @@ class FakeBackend:
         self.fail_next: Exception | None = None
         self.fail_always: Exception | None = None
         self.poison: set[str] = set()
+        self.refuse: set[str] = set()
+        self.tokenize_calls: list[list[str]] = []
         self.hold: threading.Event | None = None  # embed waits for it (from a worker thread)
         self.closed = False
         self._lock = threading.Lock()
@@ -72,6 +75,10 @@ class FakeBackend:
         return np.stack([fake_vector(t, self.dimension) for t in texts])
 
     def tokenize(self, texts: Sequence[str]) -> list[TokenIds]:
+        with self._lock:
+            self.tokenize_calls.append(list(texts))
+        if self.refuse.intersection(texts):
+            raise ValueError(f"tokenizer refused one of {len(texts)} texts")
         self.tokenized += len(texts)
         return [list(range(min(self.max_tokens, len(t.split()) + 2))) for t in texts]
 

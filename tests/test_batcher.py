@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import numpy as np
@@ -31,11 +32,21 @@ def gate() -> GatedRunner:
     return GatedRunner()
 
 
+async def inline(func: Callable[[], Any]) -> Any:
+    """A `tokenize_sync` that runs on the loop: arrivals are tokenised in a known order."""
+    return func()
+
+
 @asynccontextmanager
 async def running(
-    backend: FakeBackend, gate: GatedRunner, **policy: object
+    backend: FakeBackend,
+    gate: GatedRunner,
+    tokenize_sync: Callable[[Callable[[], Any]], Awaitable[Any]] = inline,
+    **policy: object,
 ) -> AsyncIterator[MicroBatcher]:
-    batcher = MicroBatcher(backend, BatchPolicy(**policy), run_sync=gate)
+    batcher = MicroBatcher(
+        backend, BatchPolicy(**policy), run_sync=gate, tokenize_sync=tokenize_sync
+    )
     batcher.start()
     try:
         yield batcher
@@ -288,10 +299,118 @@ async def test_long_texts_are_tokenised_off_the_loop_and_still_embedded(
     gate.open = True
     long_text = "word " * 1000
     with anyio.fail_after(5):
-        async with running(backend, gate) as batcher:
+        # The real worker thread here (the default `tokenize_sync`).
+        async with running(backend, gate, anyio.to_thread.run_sync) as batcher:
             result = await batcher.submit([long_text, "short"])
     assert result.token_counts == [backend.max_tokens, 3]
     assert np.allclose(result.vectors[0], fake_vector(long_text))
+
+
+async def test_an_idle_model_tokenises_on_the_loop_a_busy_one_arrivals_together_off_it(
+    backend: FakeBackend, gate: GatedRunner
+):
+    hops = GatedRunner(open_=True)
+    calls: list[int] = []
+
+    async def counted(func: Callable[[], Any]) -> Any:
+        calls.append(len(backend.tokenize_calls))
+        return await hops(func)
+
+    with anyio.fail_after(5):
+        async with running(backend, gate, counted) as batcher:
+            first = spawn(batcher, "alone")
+            await gate.wait_for_waiting(1)
+            assert (calls, backend.tokenize_calls) == ([], [["alone"]])  # no hop
+            others = [spawn(batcher, "b"), spawn(batcher, "c", "e"), spawn(batcher, "f")]
+            await settle()
+            assert len(calls) == 1  # one hop for everything that arrived meanwhile
+            assert backend.tokenize_calls[1:] == [["b", "c", "e", "f"]]
+            gate.release(2)
+            results = await asyncio.gather(first, *others)
+    assert backend.batches == [["alone"], ["b", "c", "e", "f"]]
+    assert [r.token_counts for r in results] == [[3], [3], [3, 3], [3]]
+
+
+async def test_a_text_the_tokenizer_refuses_fails_only_its_request(
+    backend: FakeBackend, gate: GatedRunner
+):
+    backend.refuse = {"refused"}
+    with anyio.fail_after(5):
+        async with running(backend, gate) as batcher:
+            first = spawn(batcher, "a")
+            await gate.wait_for_waiting(1)
+            bad, good = spawn(batcher, "x", "refused"), spawn(batcher, "fine")
+            await settle()
+            gate.release(2)
+            with pytest.raises(InferenceFailed, match="tokenising failed"):
+                await bad
+            await asyncio.gather(first, good)
+            assert backend.batches == [["a"], ["fine"]]  # "x" went with its request
+            assert batcher.queued == 0
+
+
+async def test_callers_gone_while_their_texts_are_tokenised_are_dropped(
+    backend: FakeBackend, gate: GatedRunner
+):
+    hops = GatedRunner()
+    with anyio.fail_after(5):
+        async with running(backend, gate, hops) as batcher:
+            first = spawn(batcher, "a")
+            await gate.wait_for_waiting(1)
+            gone, kept = spawn(batcher, "gone", "too"), spawn(batcher, "kept")
+            await hops.wait_for_waiting(1)
+            assert batcher.queued == 3
+            gone.cancel()
+            await settle()
+            assert batcher.queued == 1  # left the queue at once, mid-tokenising
+            hops.release()
+            gate.release(2)
+            await asyncio.gather(first, kept)
+            assert gone.cancelled()
+            assert backend.batches == [["a"], ["kept"]]
+            assert batcher.stats.dropped_texts == 2
+
+
+async def test_shutdown_drains_texts_still_being_tokenised(backend: FakeBackend, gate: GatedRunner):
+    hops = GatedRunner()
+    with anyio.fail_after(5):
+        batcher = MicroBatcher(backend, BatchPolicy(), run_sync=gate, tokenize_sync=hops)
+        batcher.start()
+        first = spawn(batcher, "a")
+        await gate.wait_for_waiting(1)
+        second = spawn(batcher, "b")
+        await hops.wait_for_waiting(1)
+        gate.release()
+        await first
+        closing = asyncio.ensure_future(batcher.aclose(grace_s=5))
+        await settle()
+        assert not closing.done()  # "b" is accepted work: the drain waits for it
+        hops.release()
+        gate.release()
+        await asyncio.gather(second, closing)
+        assert backend.batches == [["a"], ["b"]]
+
+
+async def test_shutdown_past_grace_fails_texts_still_being_tokenised(
+    backend: FakeBackend, gate: GatedRunner
+):
+    hops = GatedRunner()
+    with anyio.fail_after(5):
+        batcher = MicroBatcher(backend, BatchPolicy(), run_sync=gate, tokenize_sync=hops)
+        batcher.start()
+        first = spawn(batcher, "a")
+        await gate.wait_for_waiting(1)
+        second = spawn(batcher, "b")
+        await hops.wait_for_waiting(1)
+        gate.release()
+        await first
+        closing = asyncio.ensure_future(batcher.aclose(grace_s=0))
+        await settle()
+        hops.release()  # the cancelled tokeniser gets its answer back only now
+        await closing
+        with pytest.raises(ShuttingDown):
+            await second
+        assert backend.batches == [["a"]]
 
 
 async def test_failed_request_leaves_no_texts_behind_in_the_queue(
