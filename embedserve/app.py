@@ -33,6 +33,7 @@ from embedserve.routes import routes
 from embedserve.settings import Settings
 from embedserve.stats import AppStats
 from embedserve.store import ModelSpec, ModelStore
+from embedserve.tei_api import TEI_HEADERS
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def build_registry(
         pin_required=settings.pin_required_models,
         load_retry_s=settings.load_retry_s,
         request_timeout_s=settings.request_timeout,
+        max_unbatched=settings.thread_pool_workers,
         run_sync=run_sync,
     )
 
@@ -124,6 +126,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
                 expose_headers=[
                     "X-Queue-Time",
                     "X-Inference-Time",
+                    *TEI_HEADERS,
                     "Retry-After",
                     "X-Request-ID",
                     "RateLimit-Limit",

@@ -18,8 +18,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from embedserve.errors import ModelUnavailable
+from embedserve.errors import ModelUnavailable, NotSupported
 from embedserve.store import Manifest, ModelFileMismatch, ModelSpec, verify_model_file
+from embedserve.tokens import Token, TokenizerViews
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,23 @@ class Backend(Protocol):
         """Each text's token ids as a batch runs them (specials included, truncation applied)."""
         ...
 
+    def token_details(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> list[list[Token]]:
+        """Each text's tokens with their text and character offsets (`tokens.Token`)."""
+        ...
+
+    def decode(
+        self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True
+    ) -> list[str]:
+        """Each id sequence back to text; ids outside the vocabulary are skipped."""
+        ...
+
+    def token_vectors(self, texts: Sequence[str]) -> list[Vectors]:
+        """Each text's last hidden state, one row per token (specials included, truncation
+        applied), before pooling; raises NotSupported when the backend cannot give it."""
+        ...
+
     def close(self) -> None:
         """Release the model's memory. The backend must not be used afterwards."""
         ...
@@ -82,7 +100,7 @@ class NonFiniteEmbedding(RuntimeError):
     """The model returned NaN or infinite values: its weights are damaged."""
 
 
-class FastEmbedBackend:
+class FastEmbedBackend(TokenizerViews):
     """A FastEmbed `TextEmbedding` plus an unpadded copy of its tokenizer for counting.
 
     FastEmbed takes texts, not ids, so a text is tokenised twice here: once to plan (by
@@ -120,6 +138,12 @@ class FastEmbedBackend:
 
     def tokenize(self, texts: Sequence[str]) -> list[TokenIds]:
         return token_ids(self._tokenizer, texts)
+
+    def token_vectors(self, texts: Sequence[str]) -> list[Vectors]:
+        raise NotSupported(
+            f"model {self.name} has no packed graph, which token vectors need; re-import it "
+            "with 'embedserve models import' (and leave ENABLE_PACKING on)"
+        )
 
     def close(self) -> None:
         self._model = None

@@ -64,6 +64,14 @@ class BodyTooLarge(EmbedServeError):
     error_type = "request_too_large"
 
 
+class TooManyInputs(EmbedServeError):
+    """More inputs than MAX_BATCH_SIZE on a TEI route: 413, the status TEI answers for a
+    batch over its client batch size (the native API answers 422, the OpenAI one 400)."""
+
+    status_code = 413
+    error_type = "validation_error"
+
+
 class BodyTimeout(EmbedServeError):
     """The request body did not arrive within BODY_TIMEOUT_S (a slow or stalled client)."""
 
@@ -126,6 +134,21 @@ class InferenceFailed(EmbedServeError):
 
     status_code = 500
     error_type = "inference_error"
+
+
+class ModelFailed(InferenceFailed):
+    """`InferenceFailed` on a TEI route: 424 (Failed Dependency), TEI's status for an error
+    of the model."""
+
+    status_code = 424
+
+
+class NotSupported(EmbedServeError):
+    """The model cannot do what was asked (token vectors from a model without a packed
+    graph): 424, as TEI answers a route its model does not support."""
+
+    status_code = 424
+    error_type = "not_supported"
 
 
 class ImportFailed(EmbedServeError):

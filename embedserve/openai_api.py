@@ -47,19 +47,18 @@ from embedserve.handling import (
 )
 from embedserve.registry import ModelRegistry
 from embedserve.responses import JSONResponse
-from embedserve.schemas import TEXT_SCHEMA, ModelName, check_texts, validate
-
-TOKEN_IDS_REFUSED = (
-    "invalid field 'input': token-id input (arrays of integers) is not supported, because "
-    "token ids are specific to a tokenizer; send the text as a string or an array of strings"
+from embedserve.schemas import (
+    TEXTS_SCHEMA,
+    ModelName,
+    check_texts,
+    dimensions_refusal,
+    string_or_list,
+    validate,
+    whole_number,
 )
 
 # Errors about the model's name, reported with ``param: "model"``.
 _REFUSED_NAME = (InvalidModelName, ModelNotAllowed, ModelNotFound)
-
-INPUT_SCHEMA: dict[str, Any] = {
-    "anyOf": [TEXT_SCHEMA, {"type": "array", "items": TEXT_SCHEMA, "minItems": 1}]
-}
 
 
 def openai_routes() -> list[BaseRoute]:
@@ -71,13 +70,6 @@ def openai_routes() -> list[BaseRoute]:
     ]
 
 
-def _whole_number(value: Any) -> Any:
-    """8.0 as 8: JSON has one number type, and JSON Schema's "integer" admits 8.0."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
 class EmbeddingsRequest(BaseModel):
     """``POST /v1/embeddings``, as OpenAI defines it, plus embedserve's ``truncate``."""
 
@@ -85,14 +77,14 @@ class EmbeddingsRequest(BaseModel):
 
     # Any: checked by `_texts`, so that token ids get a message of their own; the document
     # states what `_texts` and `check_texts` accept.
-    input: Annotated[Any, WithJsonSchema(INPUT_SCHEMA)] = Field(
+    input: Annotated[Any, WithJsonSchema(TEXTS_SCHEMA)] = Field(
         description="A string or an array of at most MAX_BATCH_SIZE strings; none blank"
     )
     model: ModelName = Field(description="Model name (required, as on OpenAI)")
     encoding_format: Literal["float", "base64"] | None = Field(
         None, description="float (default): lists of floats; base64: little-endian float32"
     )
-    dimensions: Annotated[StrictInt, Field(ge=1), BeforeValidator(_whole_number)] | None = Field(
+    dimensions: Annotated[StrictInt, Field(ge=1), BeforeValidator(whole_number)] | None = Field(
         None, description="Must equal the model's dimension (no model here is Matryoshka)"
     )
     user: StrictStr | None = Field(None, description="Accepted and ignored")
@@ -179,39 +171,16 @@ def _parse(data: Any) -> EmbeddingsRequest:
 
 def _texts(value: Any, max_inputs: int) -> list[str]:
     """`input` as a list of strings; refuses token ids, other types, [] and too many."""
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list):
-        raise BadRequest(
-            "invalid field 'input': must be a string or an array of strings", param="input"
-        )
-    if not value:
-        raise BadRequest("invalid field 'input': must not be an empty array", param="input")
-    for index, item in enumerate(value):
-        if isinstance(item, str):
-            continue
-        if isinstance(item, list) or (isinstance(item, int) and not isinstance(item, bool)):
-            raise BadRequest(TOKEN_IDS_REFUSED, param="input")
-        raise BadRequest(f"invalid field 'input[{index}]': must be a string", param="input")
-    if len(value) > max_inputs:
-        raise BadRequest(
-            f"invalid field 'input': {len(value)} inputs, over the limit of {max_inputs} "
-            "(MAX_BATCH_SIZE)",
-            param="input",
-        )
-    return value
+    try:
+        return string_or_list(value, field="input", max_items=max_inputs)
+    except ValidationFailed as exc:
+        raise BadRequest(exc.message, param="input") from None
 
 
 def _check_dimensions(model: str, requested: int, native: int) -> None:
-    # Cutting a vector short is only meaningful for Matryoshka-trained models; no model
-    # embedserve serves is marked as one, so only the native dimension is accepted.
-    if requested != native:
-        raise BadRequest(
-            f"invalid field 'dimensions': model {model} produces {native}-dimensional "
-            f"embeddings and does not support other dimensions (it is not Matryoshka-trained, "
-            f"so truncated vectors would not be meaningful); omit 'dimensions' or send {native}",
-            param="dimensions",
-        )
+    refusal = dimensions_refusal(model, requested, native)
+    if refusal is not None:
+        raise BadRequest(refusal, param="dimensions")
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from starlette.responses import Response
 
 from embedserve import __version__, auth, ratelimit
 from embedserve.docs import ASSET_NAMES
+from embedserve.errors import EmbedServeError
 from embedserve.openai_api import EmbeddingsRequest
 from embedserve.responses import OPENAI_PREFIX
 from embedserve.schemas import (
@@ -42,6 +43,18 @@ from embedserve.schemas import (
     ReadyResponse,
 )
 from embedserve.settings import Settings
+from embedserve.tei_api import TEI_HEADERS
+from embedserve.tei_schemas import (
+    DecodeRequest,
+    DecodeResponse,
+    EmbedAllRequest,
+    EmbedAllResponse,
+    TEIEmbedRequest,
+    TEIEmbedResponse,
+    TEIInfo,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 
 OPENAPI_VERSION = "3.1.0"
 REF_TEMPLATE = "#/components/schemas/{model}"
@@ -60,7 +73,9 @@ class Param:
 class Operation:
     """One row of the table: a route as the document describes it.
 
-    `response` is the JSON body of a 200 (None: any object); `media_types` are the 200's
+    `response` is the JSON body of a 200 (None: any object; a tuple: any one of them);
+    `request` a tuple: exactly one of them, told apart by their required fields (a body
+    with the required fields of two is none of them). `media_types` are the 200's
     content types (other than JSON, a string: HTML, assets, Prometheus text). `errors` are
     the statuses answered in the error shape (OpenAI's under ``/v1``); `also` maps other
     statuses to bodies of their own (``/health`` answers 503 with its usual body). `params`
@@ -71,8 +86,8 @@ class Operation:
     method: str
     path: str
     summary: str
-    response: type[BaseModel] | None
-    request: type[BaseModel] | None = None
+    response: type[BaseModel] | tuple[type[BaseModel], ...] | None
+    request: type[BaseModel] | tuple[type[BaseModel], ...] | None = None
     errors: tuple[int, ...] = ()
     also: Mapping[int, type[BaseModel]] = field(default_factory=dict)
     tag: str = "embeddings"
@@ -91,11 +106,19 @@ METRICS_FORMAT = Param("json or prometheus; without it, `Accept` decides", ("jso
 EMBED_ERRORS = (400, 403, 404, 408, 413, 415, 422, 429, 500, 503, 504)
 OPENAI_EMBED_ERRORS = (400, 403, 404, 408, 413, 415, 429, 500, 503, 504)
 TIMING = ("X-Queue-Time", "X-Inference-Time")
+# TEI's routes: its statuses (424 when the model fails), its headers.
+TEI_ERRORS = (400, 403, 404, 408, 413, 415, 422, 424, 429, 503, 504)
+TEI_TOKEN_ERRORS = (400, 403, 404, 408, 413, 415, 422, 429, 503, 504)
+TEI_TIMING = (*TIMING, *TEI_HEADERS)
 
 # fmt: off
 OPERATIONS: tuple[Operation, ...] = (
-    Operation("POST", "/embed", "Embed one text", EmbedResponse, EmbedRequest,
-              EMBED_ERRORS, headers=TIMING),
+    Operation("POST", "/embed", "Embed one text (with text), or TEI's embed (with inputs)",
+              (EmbedResponse, TEIEmbedResponse), (EmbedRequest, TEIEmbedRequest),
+              tuple(sorted({*EMBED_ERRORS, *TEI_ERRORS})), headers=TIMING,
+              description="A body with `text` is embedserve's request and answer; a body with "
+              "`inputs` is text-embeddings-inference's, answered as POST / answers it (a bare "
+              "array of vectors, TEI's statuses and headers). Both or neither: 422."),
     Operation("POST", "/embed/batch", "Embed several texts, answered in the same order",
               BatchEmbedResponse, BatchEmbedRequest, EMBED_ERRORS, headers=TIMING),
     Operation("GET", "/health", "Liveness: healthy when every required model is loaded",
@@ -120,6 +143,21 @@ OPERATIONS: tuple[Operation, ...] = (
               tag="openai"),
     Operation("GET", "/v1/models/{model_name}", "OpenAI-compatible model object", OpenAIModel,
               errors=(404,), tag="openai", params={"model_name": MODEL_NAME}),
+    Operation("POST", "/", "TEI: embed (what HF clients given a base URL call)",
+              TEIEmbedResponse, TEIEmbedRequest, TEI_ERRORS, tag="tei", headers=TEI_TIMING,
+              description="text-embeddings-inference's embed, with the default model. More "
+              "inputs than MAX_BATCH_SIZE: 413; the model failing: 424."),
+    Operation("POST", "/embed_all", "TEI: per input, a vector for each token (no pooling)",
+              EmbedAllResponse, EmbedAllRequest, TEI_ERRORS, tag="tei",
+              headers=TEI_HEADERS, description="The model's last hidden state, one row per "
+              "token, specials included. Needs a model with a packed graph (else 424); runs as "
+              "one model call per request, not micro-batched."),
+    Operation("GET", "/info", "TEI: the default model and the limits", TEIInfo,
+              errors=(503,), tag="tei"),
+    Operation("POST", "/tokenize", "TEI: each input's tokens with character offsets",
+              TokenizeResponse, TokenizeRequest, TEI_TOKEN_ERRORS, tag="tei"),
+    Operation("POST", "/decode", "TEI: token ids back to text", DecodeResponse, DecodeRequest,
+              TEI_TOKEN_ERRORS, tag="tei"),
     Operation("GET", "/openapi.json", "This document", None, tag="documentation"),
     Operation("GET", "/docs", "Swagger UI over this document (no CDN: works offline)", None,
               tag="documentation", media_types=("text/html",)),
@@ -139,10 +177,13 @@ ERROR_TEXT: dict[int, str] = {
     404: "Not found: no such model (model_not_found), or nothing here (not_found).",
     408: "The body did not arrive within BODY_TIMEOUT_S of the headers (body_timeout); the "
     "connection is closed.",
-    413: "The body is over MAX_REQUEST_BYTES (request_too_large); the connection is closed.",
+    413: "The body is over MAX_REQUEST_BYTES (request_too_large); the connection is closed. "
+    "On TEI's routes also more than MAX_BATCH_SIZE inputs (validation_error), as TEI answers.",
     415: "A content type other than JSON (unsupported_media_type).",
     422: "Missing or mistyped fields, blank text, a text over MAX_TEXT_LENGTH, or more than "
     "MAX_BATCH_SIZE texts (validation_error); `details` names every failed field.",
+    424: "On TEI's routes: the model failed on a text of this request (inference_error), or "
+    "cannot give token vectors: it has no packed graph (not_supported).",
     429: "The model's queue is full (overloaded), or this client's rate limit is spent "
     "(rate_limited). Retry after Retry-After seconds.",
     500: "The model failed on a text of this request (inference_error), or an unexpected "
@@ -154,6 +195,10 @@ ERROR_TEXT: dict[int, str] = {
 HEADERS: dict[str, str] = {
     "X-Queue-Time": "Milliseconds the request's texts waited for a model batch.",
     "X-Inference-Time": "Milliseconds in the model calls that carried the request's texts.",
+    "X-Compute-Time": "Milliseconds the request spent in the server (TEI's header).",
+    "X-Total-Time": "The same as X-Compute-Time (TEI's header).",
+    "X-Compute-Characters": "Characters embedded, after any truncation (TEI's header).",
+    "X-Compute-Tokens": "Tokens the model ran, specials included (TEI's header).",
     "Retry-After": "Seconds to wait before trying again (on 503, with shutting_down).",
     "WWW-Authenticate": "The Bearer challenge.",
 }
@@ -165,15 +210,25 @@ async def openapi_json(request: Request) -> Response:
     state = request.app.state
     body: bytes | None = getattr(state, "openapi_json", None)
     if body is None:
-        body = orjson.dumps(build_spec(state.settings))
+        body = orjson.dumps(build_spec(state.settings, dimension=_tei_dimension(request)))
         state.openapi_json = body
     return Response(body, media_type=JSON)
 
 
-def build_spec(settings: Settings, operations: Sequence[Operation] = OPERATIONS) -> dict[str, Any]:
-    """The OpenAPI document for an app with `settings`, one operation per table row."""
+def build_spec(
+    settings: Settings,
+    operations: Sequence[Operation] = OPERATIONS,
+    *,
+    dimension: int | None = None,
+) -> dict[str, Any]:
+    """The OpenAPI document for an app with `settings`, one operation per table row.
+
+    `dimension`, the default model's, is the one value TEI's `dimensions` accepts.
+    """
     refs, components = _schemas(operations)
     _apply_limits(components, settings)
+    if dimension is not None:
+        _only_dimension(components, dimension)
     auth_on = bool(settings.api_keys) or settings.api_keys_file is not None
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
@@ -215,20 +270,35 @@ def _schemas(
         OpenAIErrorResponse: "serialization",
     }
     for op in operations:
-        if op.request is not None:
-            modes[op.request] = "validation"
-        for model in (op.response, *op.also.values()):
-            if model is not None:
-                modes[model] = "serialization"
+        for model in _models(op.request):
+            modes[model] = "validation"
+        for model in (*_models(op.response), *op.also.values()):
+            modes[model] = "serialization"
     keyed, defs = models_json_schema(list(modes.items()), ref_template=REF_TEMPLATE)
     refs = {model: keyed[(model, mode)] for model, mode in modes.items()}
     return refs, dict(defs.get("$defs", {}))
 
 
+def _models(
+    models: type[BaseModel] | tuple[type[BaseModel], ...] | None,
+) -> tuple[type[BaseModel], ...]:
+    if models is None:
+        return ()
+    return models if isinstance(models, tuple) else (models,)
+
+
 def _apply_limits(components: dict[str, Any], settings: Settings) -> None:
     """Write this server's MAX_BATCH_SIZE into the request schemas (more texts: 422, or 400
     under /v1), copying what it changes: the models' schemas may share dicts."""
-    for name, prop in (("BatchEmbedRequest", "texts"), ("EmbeddingsRequest", "input")):
+    limited = (
+        ("BatchEmbedRequest", "texts"),
+        ("EmbeddingsRequest", "input"),
+        ("TEIEmbedRequest", "inputs"),
+        ("EmbedAllRequest", "inputs"),
+        ("TokenizeRequest", "inputs"),
+        ("DecodeRequest", "ids"),
+    )
+    for name, prop in limited:
         properties = components.get(name, {}).get("properties", {})
         if prop not in properties:
             continue
@@ -236,13 +306,38 @@ def _apply_limits(components: dict[str, Any], settings: Settings) -> None:
         if schema.get("type") == "array":
             schema["maxItems"] = settings.max_batch_size
         elif "anyOf" in schema:
+            # The batch branch: an array of texts, or of id arrays (not one id array).
             schema["anyOf"] = [
                 {**branch, "maxItems": settings.max_batch_size}
-                if branch.get("type") == "array"
+                if branch.get("type") == "array" and branch["items"].get("type") != "integer"
                 else branch
                 for branch in schema["anyOf"]
             ]
         properties[prop] = schema
+
+
+def _tei_dimension(request: Request) -> int | None:
+    """The default model's dimension, when it is known without loading it."""
+    settings, registry = request.app.state.settings, request.app.state.registry
+    if settings.default_model is None:
+        return None
+    try:
+        dimension: int | None = registry.describe(settings.default_model).dimension
+    except EmbedServeError:
+        return None
+    return dimension
+
+
+def _only_dimension(components: dict[str, Any], dimension: int) -> None:
+    """TEI's `dimensions` as the one value this server accepts (or null)."""
+    properties = components.get("TEIEmbedRequest", {}).get("properties", {})
+    if "dimensions" in properties:
+        described = properties["dimensions"].get("description", "")
+        properties["dimensions"] = {
+            "anyOf": [{"const": dimension}, {"type": "null"}],
+            "default": None,
+            "description": described,
+        }
 
 
 def _operation(
@@ -275,7 +370,8 @@ def _operation(
     if parameters:
         doc["parameters"] = parameters
     if op.request is not None:
-        doc["requestBody"] = {"required": True, "content": {JSON: {"schema": refs[op.request]}}}
+        body = _one_of(op.request, refs)
+        doc["requestBody"] = {"required": True, "content": {JSON: {"schema": body}}}
     if security is not None:
         doc["security"] = security
     return doc
@@ -286,12 +382,39 @@ def _ok(op: Operation, refs: Mapping[type[BaseModel], Any]) -> dict[str, Any]:
     content: dict[str, Any] = {}
     for media in op.media_types:
         if media == JSON:
-            schema = refs[op.response] if op.response is not None else {"type": "object"}
+            responses = [refs[model] for model in _models(op.response)]
+            schema = {"type": "object"} if not responses else _single_or(responses, "anyOf")
         else:
             schema = {"type": "string"}
         content[media] = {"schema": schema}
     response["content"] = content
     return response
+
+
+def _single_or(schemas: list[Any], keyword: str) -> Any:
+    return schemas[0] if len(schemas) == 1 else {keyword: schemas}
+
+
+def _one_of(
+    request: type[BaseModel] | tuple[type[BaseModel], ...], refs: Mapping[type[BaseModel], Any]
+) -> Any:
+    """One request model's schema, or exactly one of several: each branch refuses the other
+    branches' required fields, so a body with both sets matches none."""
+    models = _models(request)
+    if len(models) == 1:
+        return refs[models[0]]
+    required = {model: _required(model) for model in models}
+    branches = []
+    for model in models:
+        others = sorted({key for other in models if other is not model for key in required[other]})
+        branches.append(
+            {"allOf": [refs[model]], "not": {"anyOf": [{"required": [key]} for key in others]}}
+        )
+    return {"oneOf": branches}
+
+
+def _required(model: type[BaseModel]) -> list[str]:
+    return [name for name, info in model.model_fields.items() if info.is_required()]
 
 
 def _json_response(

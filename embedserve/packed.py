@@ -31,6 +31,7 @@ from embedserve.backend import (
 from embedserve.errors import ModelUnavailable
 from embedserve.planner import pack_rows
 from embedserve.store import PACKED_MODEL_FILE, Manifest, ModelFileMismatch, verify_model_file
+from embedserve.tokens import TokenizerViews
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def normalize_rows(vectors: Vectors) -> Vectors:
     return np.asarray(scaled, dtype=np.float32)
 
 
-class PackedBackend:
+class PackedBackend(TokenizerViews):
     """A packed ONNX graph, its tokenizer, and the model's pooling and normalisation.
 
     `row_tokens` is the length of one row: the planner (`planner.plan_packed`) decides which
@@ -159,6 +160,18 @@ class PackedBackend:
         if not np.isfinite(vectors).all():
             raise NonFiniteEmbedding(f"model {self.name} produced non-finite embeddings")
         return vectors
+
+    def token_vectors(self, texts: Sequence[str]) -> list[Vectors]:
+        if self._session is None:
+            raise RuntimeError(f"model {self.name} is closed")
+        if not texts:
+            return []
+        inputs = PackedInputs(self.tokenize(texts), self.row_tokens)
+        (hidden,) = self._session.run([OUTPUT_NAME], inputs.feed())
+        flat = np.asarray(hidden, dtype=np.float32).reshape(-1, hidden.shape[-1])
+        if not np.isfinite(flat).all():
+            raise NonFiniteEmbedding(f"model {self.name} produced non-finite embeddings")
+        return [flat[start:end] for start, end in zip(inputs.starts, inputs.ends, strict=True)]
 
     def close(self) -> None:
         self._session = None

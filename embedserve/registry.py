@@ -3,8 +3,9 @@
 Each loaded model gets a `MicroBatcher`; requests go through `ModelRegistry.embed`, which
 holds a lease on the model for the whole request so it is never evicted with work queued
 or in flight. One module because loading, leases, eviction and offload all change the same
-table of entries under the same rules (just over the ~400-line guide; the entry records
-are already in `entries.py`).
+table of entries under the same rules (over the ~400-line guide; the entry records are
+already in `entries.py`). `run_on_model` serves work that is not batched (TEI's token-level
+routes) with the same leases.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -25,9 +26,11 @@ from embedserve.batcher import PROBE_TEXT, BatchPolicy, BatchRecord, EmbedResult
 from embedserve.entries import ModelEntry, ModelInfo
 from embedserve.errors import (
     EmbedServeError,
+    InferenceFailed,
     ModelNotAllowed,
     ModelNotFound,
     ModelUnavailable,
+    Overloaded,
     RequestTimeout,
     ShuttingDown,
 )
@@ -35,7 +38,7 @@ from embedserve.store import ModelSpec, ModelStore, validate_model_name
 
 logger = logging.getLogger(__name__)
 
-
+T = TypeVar("T")
 Loader = Callable[[ModelSpec], Backend]
 
 
@@ -73,6 +76,7 @@ class ModelRegistry:
         pin_required: bool = True,
         load_retry_s: float = 30.0,
         request_timeout_s: float | None = None,
+        max_unbatched: int = 4,
         run_sync: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
         load_run_sync: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -110,6 +114,9 @@ class ModelRegistry:
         self._expired = False  # past the point where queued work is answered 503
         self.evictions = 0
         self.offloads = 0
+        # `run_on_model` calls in flight (all models): past `max_unbatched`, 429 at once.
+        self.max_unbatched = max_unbatched
+        self._unbatched = 0
 
     # -- resolution ------------------------------------------------------------------
     def resolve(self, name: str) -> ModelSpec:
@@ -152,6 +159,33 @@ class ModelRegistry:
                 self.observer.on_result(name, result)
             except Exception:  # an observer's fault must not fail a request that was answered
                 logger.exception("on_result hook failed for model %s", name)
+        return result
+
+    async def run_on_model(
+        self, name: str, work: Callable[[Backend], T], *, arrived_at: float | None = None
+    ) -> T:
+        """`work(backend)` of model `name` (loaded first if needed) in a worker thread, the
+        model leased meanwhile: for work that is not batched (TEI's /tokenize, /embed_all).
+        Overloaded when `max_unbatched` such calls are in flight already (they queue for
+        worker threads, not in a batcher, so this is their bound). An error of the model's
+        own (not an `EmbedServeError`) becomes InferenceFailed.
+        """
+        if self._unbatched >= self.max_unbatched:
+            raise Overloaded(
+                f"{self._unbatched} token-level requests are running already (at most "
+                f"{self.max_unbatched}, THREAD_POOL_WORKERS); retry shortly"
+            )
+        self._unbatched += 1
+        try:
+            async with self.lease(name, arrived_at=arrived_at) as entry:
+                result: T = await self._run_sync(partial(work, entry.backend))
+        except EmbedServeError:
+            raise
+        except Exception as exc:  # the model's libraries raise many unrelated types
+            logger.warning("model %s failed outside a batch: %r", name, exc)
+            raise InferenceFailed(f"model {name} failed on this request") from exc
+        finally:
+            self._unbatched -= 1
         return result
 
     @contextlib.asynccontextmanager

@@ -33,6 +33,7 @@ from embedserve.schemas import (
     validate,
 )
 from embedserve.settings import Settings
+from embedserve.tei_api import embed_inputs
 
 
 def routes() -> list[BaseRoute]:
@@ -40,6 +41,7 @@ def routes() -> list[BaseRoute]:
     from embedserve.docs import docs_routes
     from embedserve.openai_api import openai_routes
     from embedserve.openapi import openapi_json  # here: it imports this module's handlers
+    from embedserve.tei_api import tei_routes
 
     # The router tries routes in order: the embedding endpoints, the busy ones, come first.
     embeddings, *openai_rest = openai_routes()
@@ -53,6 +55,7 @@ def routes() -> list[BaseRoute]:
         Route("/models", Endpoint(list_models), methods=["GET"]),
         Route("/models/{model_name:path}", Endpoint(show_model), methods=["GET"]),
         *openai_rest,
+        *tei_routes(),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         *docs_routes(),
     ]
@@ -66,10 +69,19 @@ def _model_name(settings: Settings, requested: str | None) -> str:
 
 
 async def embed(request: Request) -> Response:
-    """``POST /embed``: one text -> one embedding."""
+    """``POST /embed``: one text -> one embedding; a body with ``inputs`` instead of ``text``
+    is TEI's request, answered as TEI does (`tei_api.embed_inputs`)."""
     settings, _, stats = state(request)
     stats.total_requests += 1
-    body = validate(EmbedRequest, await json_body(request))
+    data = await json_body(request)
+    if isinstance(data, dict) and ("text" in data) == ("inputs" in data):
+        raise ValidationFailed(
+            "send either 'text' (embedserve's request) or 'inputs' (TEI's request)"
+            + (", not both" if "text" in data else "")
+        )
+    if isinstance(data, dict) and "inputs" in data:
+        return await embed_inputs(request, data)
+    body = validate(EmbedRequest, data)
     model = _model_name(settings, body.model_name)
     [text] = check_texts(
         [body.text], max_length=settings.max_text_length, truncate=body.truncate, field="text"

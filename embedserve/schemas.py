@@ -15,7 +15,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from embedserve.errors import BadRequest, ValidationFailed
+from embedserve.errors import BadRequest, EmbedServeError, ValidationFailed
 from embedserve.store import MAX_NAME_LENGTH
 
 M = TypeVar("M", bound=BaseModel)
@@ -39,6 +39,11 @@ TEXT_SCHEMA: dict[str, Any] = {
     "type": "string",
     "minLength": 1,
     "pattern": r"[^\s\x1c-\x1f\x85]|\uFEFF",
+}
+
+# A string or a non-empty array of them (the OpenAI and TEI inputs); `string_or_list` checks it.
+TEXTS_SCHEMA: dict[str, Any] = {
+    "anyOf": [TEXT_SCHEMA, {"type": "array", "items": TEXT_SCHEMA, "minItems": 1}]
 }
 
 # The pydantic checks stay as they are (strict types); these only tell /openapi.json the
@@ -246,6 +251,13 @@ class OpenAIModelList(_Response):
     data: list[OpenAIModel]
 
 
+def whole_number(value: Any) -> Any:
+    """8.0 as 8: JSON has one number type, and JSON Schema's "integer" admits 8.0."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def parse_json(body: bytes) -> Any:
     """Decode a JSON body; raises BadRequest (400) on malformed JSON."""
     if not body.strip():
@@ -272,6 +284,50 @@ def validate(model: type[M], data: Any) -> M:
         raise ValidationFailed(
             f"invalid field '{where}': {first['msg']}", details=details
         ) from None
+
+
+def string_or_list(
+    value: Any, *, field: str, max_items: int, too_many: type[EmbedServeError] = ValidationFailed
+) -> list[str]:
+    """`value` (a string or an array of strings) as a list; ValidationFailed for token ids,
+    other types and [], `too_many` past `max_items` (checked after the types, as before)."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ValidationFailed(f"invalid field '{field}': must be a string or an array of strings")
+    if not value:
+        raise ValidationFailed(f"invalid field '{field}': must not be an empty array")
+    for index, item in enumerate(value):
+        if isinstance(item, str):
+            continue
+        if isinstance(item, list) or (isinstance(item, int) and not isinstance(item, bool)):
+            raise ValidationFailed(
+                f"invalid field '{field}': token-id input (arrays of integers) is not "
+                "supported, because token ids are specific to a tokenizer; send the text as a "
+                "string or an array of strings"
+            )
+        raise ValidationFailed(f"invalid field '{field}[{index}]': must be a string")
+    if len(value) > max_items:
+        raise too_many(
+            f"invalid field '{field}': {len(value)} inputs, over the limit of {max_items} "
+            "(MAX_BATCH_SIZE)"
+        )
+    return value
+
+
+def dimensions_refusal(model: str, requested: int, native: int) -> str | None:
+    """Why `dimensions` is refused, or None when it is the model's own dimension.
+
+    Cutting a vector short is only meaningful for Matryoshka-trained models; no model
+    embedserve serves is marked as one, so only the native dimension is accepted.
+    """
+    if requested == native:
+        return None
+    return (
+        f"invalid field 'dimensions': model {model} produces {native}-dimensional "
+        f"embeddings and does not support other dimensions (it is not Matryoshka-trained, "
+        f"so truncated vectors would not be meaningful); omit 'dimensions' or send {native}"
+    )
 
 
 def check_texts(texts: list[str], *, max_length: int, truncate: bool, field: str) -> list[str]:

@@ -12,6 +12,7 @@ import numpy as np
 
 from embedserve.backend import TokenIds, Vectors
 from embedserve.store import ModelSpec
+from embedserve.tokens import Token
 
 DIM = 8
 
@@ -81,6 +82,42 @@ class FakeBackend:
             raise ValueError(f"tokenizer refused one of {len(texts)} texts")
         self.tokenized += len(texts)
         return [list(range(min(self.max_tokens, len(t.split()) + 2))) for t in texts]
+
+    def token_details(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> list[list[Token]]:
+        """Whitespace words as tokens (ids: their position + 10), [CLS]/[SEP] as 0 and 1."""
+        details = []
+        for text in texts:
+            tokens, start = [], 0
+            for index, word in enumerate(text.split()):
+                start = text.index(word, start)
+                tokens.append(Token(index + 10, word, False, start, start + len(word)))
+                start += len(word)
+            tokens = tokens[: self.max_tokens - 2]
+            if add_special_tokens:
+                tokens = [Token(0, "[CLS]", True, None, None), *tokens]
+                tokens.append(Token(1, "[SEP]", True, None, None))
+            details.append(tokens)
+        return details
+
+    def decode(
+        self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True
+    ) -> list[str]:
+        """Each id as ``t<id>`` (specials 0 and 1 as [CLS]/[SEP] unless skipped)."""
+        names = {0: "[CLS]", 1: "[SEP]"}
+        return [
+            " ".join(names.get(i, f"t{i}") for i in row if not (skip_special_tokens and i in names))
+            for row in ids
+        ]
+
+    def token_vectors(self, texts: Sequence[str]) -> list[Vectors]:
+        """One fake vector per token (`tokenize`'s count), seeded by the text and position."""
+        counts = self.tokenize(texts)
+        return [
+            np.stack([fake_vector(f"{text}#{i}", self.dimension) for i in range(len(ids))])
+            for text, ids in zip(texts, counts, strict=True)
+        ]
 
     def close(self) -> None:
         self.closed = True

@@ -23,6 +23,7 @@ from embedserve.app import build_registry
 from embedserve.backend import Backend, TokenIds, Vectors
 from embedserve.server import serve
 from embedserve.settings import Settings, SettingsError
+from embedserve.tokens import Token
 
 DEFAULT_MARKER = "__fault__"
 
@@ -57,6 +58,19 @@ class FaultyBackend:
 
     def tokenize(self, texts: Sequence[str]) -> list[TokenIds]:
         return self._inner.tokenize(texts)
+
+    def token_details(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> list[list[Token]]:
+        return self._inner.token_details(texts, add_special_tokens=add_special_tokens)
+
+    def decode(
+        self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True
+    ) -> list[str]:
+        return self._inner.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_vectors(self, texts: Sequence[str]) -> list[Vectors]:
+        return self._inner.token_vectors(texts)
 
     def close(self) -> None:
         self._inner.close()
