@@ -167,8 +167,8 @@ class MicroBatcher:
         self.policy = policy
         self.stats = BatcherStats()
         self._limits = BatchLimits(policy.max_texts, policy.token_budget, policy.min_fill)
-        self._packed = bool(getattr(backend, "packed", False))
-        row_tokens = int(getattr(backend, "row_tokens", 0) or backend.max_tokens)
+        self._packed = backend.packed
+        row_tokens = backend.row_tokens or backend.max_tokens
         self._pack_limits = PackLimits(
             row_tokens=row_tokens,
             max_rows=max(1, policy.token_budget // row_tokens),
