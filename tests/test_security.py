@@ -40,6 +40,10 @@ BODIES: dict[str, Any] = {
     "/embed": {"text": "hello"},
     "/embed/batch": {"texts": ["hello", "world"]},
     "/v1/embeddings": {"input": "hello", "model": DEFAULT_MODEL},
+    "/": {"inputs": "hello"},
+    "/embed_all": {"inputs": "hello"},
+    "/tokenize": {"inputs": "hello"},
+    "/decode": {"ids": [101, 7592, 102]},
 }
 _PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
 
