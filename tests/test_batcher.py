@@ -371,19 +371,28 @@ async def test_callers_gone_while_their_texts_are_tokenised_are_dropped(
             assert batcher.stats.dropped_texts == 2
 
 
+async def closing_while_tokenising(
+    backend: FakeBackend, gate: GatedRunner, hops: GatedRunner, grace_s: float
+) -> tuple[asyncio.Future, asyncio.Future]:
+    """A batcher with "b" held at the tokeniser, the batch before it done, and `aclose`
+    started: (the caller of "b", the close)."""
+    batcher = MicroBatcher(backend, BatchPolicy(), run_sync=gate, tokenize_sync=hops)
+    batcher.start()
+    first = spawn(batcher, "a")
+    await gate.wait_for_waiting(1)
+    second = spawn(batcher, "b")
+    await hops.wait_for_waiting(1)
+    gate.release()
+    await first
+    closing = asyncio.ensure_future(batcher.aclose(grace_s=grace_s))
+    await settle()
+    return second, closing
+
+
 async def test_shutdown_drains_texts_still_being_tokenised(backend: FakeBackend, gate: GatedRunner):
     hops = GatedRunner()
     with anyio.fail_after(5):
-        batcher = MicroBatcher(backend, BatchPolicy(), run_sync=gate, tokenize_sync=hops)
-        batcher.start()
-        first = spawn(batcher, "a")
-        await gate.wait_for_waiting(1)
-        second = spawn(batcher, "b")
-        await hops.wait_for_waiting(1)
-        gate.release()
-        await first
-        closing = asyncio.ensure_future(batcher.aclose(grace_s=5))
-        await settle()
+        second, closing = await closing_while_tokenising(backend, gate, hops, grace_s=5)
         assert not closing.done()  # "b" is accepted work: the drain waits for it
         hops.release()
         gate.release()
@@ -396,16 +405,7 @@ async def test_shutdown_past_grace_fails_texts_still_being_tokenised(
 ):
     hops = GatedRunner()
     with anyio.fail_after(5):
-        batcher = MicroBatcher(backend, BatchPolicy(), run_sync=gate, tokenize_sync=hops)
-        batcher.start()
-        first = spawn(batcher, "a")
-        await gate.wait_for_waiting(1)
-        second = spawn(batcher, "b")
-        await hops.wait_for_waiting(1)
-        gate.release()
-        await first
-        closing = asyncio.ensure_future(batcher.aclose(grace_s=0))
-        await settle()
+        second, closing = await closing_while_tokenising(backend, gate, hops, grace_s=0)
         hops.release()  # the cancelled tokeniser gets its answer back only now
         await closing
         with pytest.raises(ShuttingDown):
