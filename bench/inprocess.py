@@ -137,18 +137,24 @@ def single_call_p50_ms(model: Embedder, texts: Sequence[str]) -> float:
     return single_calls_p50_ms({"model": model}, texts)["model"]
 
 
-def single_calls_p50_ms(models: Mapping[str, Embedder], texts: Sequence[str]) -> dict[str, float]:
-    """Median milliseconds of ``embed([text])`` over `texts` for each model; the models take
-    each text in turn (the first model changing from text to text), so drift is shared."""
+def single_calls_p50_ms(
+    models: Mapping[str, Embedder], texts: Sequence[str], block: int = 20
+) -> dict[str, float]:
+    """Median milliseconds of ``embed([text])`` over `texts` for each model. The models take
+    the texts in blocks of `block`, in turn (the first model changing from block to block),
+    so drift is shared; blocks rather than single texts because a FastEmbed session's
+    threads spin for a while after each call (ONNX Runtime's default), which slowed the
+    call of another model made right after it."""
     names = list(models)
     for text in texts[:5]:
         for name in names:
             models[name].embed([text])
     timings: dict[str, list[float]] = {name: [] for name in names}
-    for at, text in enumerate(texts):
-        shift = at % len(names)
+    for turn, at in enumerate(range(0, len(texts), block)):
+        shift = turn % len(names)
         for name in names[shift:] + names[:shift]:
-            started = time.perf_counter()
-            models[name].embed([text])
-            timings[name].append((time.perf_counter() - started) * 1000)
+            for text in texts[at : at + block]:
+                started = time.perf_counter()
+                models[name].embed([text])
+                timings[name].append((time.perf_counter() - started) * 1000)
     return {name: percentile(values, 50) for name, values in timings.items()}

@@ -226,10 +226,11 @@ def test_measure_schedules_alternates_backends_and_reverses_every_other_pass() -
 
     single_log: list[tuple[str, int]] = []
     pair = {"a": CountingModel("a", single_log), "b": CountingModel("b", single_log)}
-    p50 = inprocess.single_calls_p50_ms(pair, texts[:6])
+    p50 = inprocess.single_calls_p50_ms(pair, texts[:6], block=2)
     assert set(p50) == {"a", "b"} and all(v >= 0 for v in p50.values())
     timed = [name for name, _ in single_log[10:]]  # after the 5-text warm-up of each
-    assert timed == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b", "b", "a"]
+    # Blocks of two texts, the first model changing from block to block.
+    assert timed == ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
 
 
 # -- load generator -------------------------------------------------------------------------
