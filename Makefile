@@ -89,6 +89,14 @@ test-reliability: $(VENV)/.installed $(MODEL_STAMP) audit | $(CHROMIUM) $(NGINX)
 	$(BIN)/python scripts/reliability_report.py --command 'make test-reliability' \
 		--out docs/RELIABILITY.md
 
+# The container image built and run for real (README, "Container image"): a Docker engine
+# (started if needed), base images (pulled, or Debian stand-ins), docker build, the README's
+# `docker run --read-only` with its checks, and compose with nginx and 2 replicas. Steps:
+# scripts/image/. Exits 1 where no engine can run, unless SKIP_IMAGE_TEST=1.
+.PHONY: test-image
+test-image: $(VENV)/.installed $(MODEL_STAMP)
+	MODELS_DIR=$(MODELS_DIR) PYTHON=$(BIN)/python scripts/image/test_image.sh
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check embedserve tests scripts bench loadtests examples
 	$(BIN)/ruff format --check embedserve tests scripts bench loadtests examples

@@ -195,9 +195,16 @@ def load_local(model_dir: Path, manifest: Manifest, threads: int | None) -> Fast
                 dim=manifest.dimension,
                 model_file="model.onnx",
             )
+    # cache_dir: the model's own directory, which exists, so FastEmbed's mkdir of it is a
+    # no-op and it never falls back to tempfile.gettempdir(): a read-only root has no
+    # writable /tmp (`docker run --read-only`), and gettempdir() then raises.
     try:
         model = TextEmbedding(
-            alias, threads=threads, specific_model_path=str(model_dir), local_files_only=True
+            alias,
+            cache_dir=str(model_dir),
+            threads=threads,
+            specific_model_path=str(model_dir),
+            local_files_only=True,
         )
         backend = FastEmbedBackend(manifest.name, model)
     except Exception as exc:  # onnxruntime/tokenizers raise many unrelated types

@@ -62,6 +62,26 @@ def test_build_contexts_and_dockerfiles_exist(compose: dict[str, Any]) -> None:
         assert dockerfile.is_file(), f"{name}: {dockerfile} missing"
 
 
+def test_build_args_come_from_the_environment_with_the_dockerfiles_defaults(
+    compose: dict[str, Any],
+) -> None:
+    """`TORCH_INDEX_URL=... docker compose build` reaches the Dockerfile; unset, its default."""
+    declared = dict(
+        line.removeprefix("ARG ").partition("=")[::2]
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("ARG ")
+    )
+    for name, service in services(compose).items():
+        if "build" not in service:
+            continue
+        args = service["build"]["args"]
+        assert "TORCH_INDEX_URL" in args, name
+        for arg, value in args.items():
+            assert arg in declared, f"{name}: build arg {arg} is not an ARG of the Dockerfile"
+            default = declared[arg].strip('"')
+            assert value == f"${{{arg}:-{default}}}", f"{name}: {arg}: {value}"
+
+
 def test_every_bind_mount_source_exists(compose: dict[str, Any]) -> None:
     mounts = [(n, s, t) for n, svc in services(compose).items() for s, t in bind_mounts(svc)]
     assert mounts

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,3 +137,20 @@ def test_packed_embeddings_match_sentence_transformers(
         packed.close()
     assert got.dtype == np.float32
     assert min_cosine(got, expected) >= MIN_COSINE
+
+
+def test_loads_with_no_usable_temporary_directory(
+    model_dir: Path, manifest: Manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`docker run --read-only` leaves no writable /tmp, and tempfile.gettempdir() raises
+    there: neither backend may need a temporary directory to load an imported model."""
+
+    def no_tempdir() -> str:
+        raise FileNotFoundError("No usable temporary directory found (read-only root)")
+
+    monkeypatch.setattr(tempfile, "gettempdir", no_tempdir)
+    for loaded in (load_local(model_dir, manifest, threads=1), load_packed(model_dir, manifest, 1)):
+        try:
+            assert loaded.embed(["read-only root"]).shape == (1, manifest.dimension)
+        finally:
+            loaded.close()
