@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Iterable, Sequence
+from typing import Generic, TypeVar
 
 import prometheus_client.metrics
 from prometheus_client.metrics_core import Metric
@@ -59,24 +60,32 @@ class HistogramChild:
             self.counts[index] += 1
 
 
-class LoopCounter:
-    """A labelled counter for one thread (the event loop's), exposed as prometheus_client
-    exposes its `Counter`: ``_total`` and ``_created`` samples, children in creation order.
-    """
+C = TypeVar("C", CounterChild, HistogramChild)
 
-    kind = "counter"
+
+class _LoopFamily(Generic[C]):
+    """A labelled metric family of one thread: its children by label values, in creation
+    order, and its exposition as prometheus_client's metric of the same kind yields it."""
+
+    kind = ""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], CounterChild] = {}
+        self._children: dict[tuple[str, ...], C] = {}
 
-    def labels(self, *values: str) -> CounterChild:
+    def _new_child(self) -> C:
+        raise NotImplementedError
+
+    def _add_samples(self, metric: Metric, labels: dict[str, str], child: C) -> None:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> C:
         """The child for these label values (created on first use)."""
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = CounterChild()
+            child = self._children[values] = self._new_child()
         return child
 
     def collect(self) -> Iterable[Metric]:
@@ -85,13 +94,27 @@ class LoopCounter:
         created = _created_series()
         for values, child in list(self._children.items()):
             labels = dict(zip(self.labelnames, values, strict=True))
-            metric.add_sample(self.name + "_total", labels, child.value)
+            self._add_samples(metric, labels, child)
             if created:
                 metric.add_sample(self.name + "_created", labels, child.created)
         return [metric]
 
 
-class LoopHistogram:
+class LoopCounter(_LoopFamily[CounterChild]):
+    """A labelled counter for one thread (the event loop's), exposed as prometheus_client
+    exposes its `Counter`: ``_total`` and ``_created`` samples, children in creation order.
+    """
+
+    kind = "counter"
+
+    def _new_child(self) -> CounterChild:
+        return CounterChild()
+
+    def _add_samples(self, metric: Metric, labels: dict[str, str], child: CounterChild) -> None:
+        metric.add_sample(self.name + "_total", labels, child.value)
+
+
+class LoopHistogram(_LoopFamily[HistogramChild]):
     """A labelled histogram for one thread (the event loop's), exposed as prometheus_client
     exposes its `Histogram`: cumulative ``_bucket`` samples up to ``+Inf``, ``_count``,
     ``_sum`` and ``_created``, children in creation order.
@@ -106,36 +129,21 @@ class LoopHistogram:
         labelnames: Sequence[str],
         buckets: Sequence[float],
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
+        super().__init__(name, documentation, labelnames)
         self.bounds = (*map(float, buckets), float("inf"))
         self._bound_labels = tuple(
             str(floatToGoString(bound))  # type: ignore[no-untyped-call]
             for bound in self.bounds
         )
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
 
-    def labels(self, *values: str) -> HistogramChild:
-        """The child for these label values (created on first use)."""
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = HistogramChild(self.bounds)
-        return child
+    def _new_child(self) -> HistogramChild:
+        return HistogramChild(self.bounds)
 
-    def collect(self) -> Iterable[Metric]:
-        """The family and its samples, as prometheus_client's metric yields them."""
-        metric = Metric(self.name, self.documentation, self.kind)
-        created = _created_series()
-        for values, child in list(self._children.items()):
-            labels = dict(zip(self.labelnames, values, strict=True))
-            total = 0.0
-            for le, count in zip(self._bound_labels, child.counts, strict=True):
-                total += count
-                metric.add_sample(self.name + "_bucket", {**labels, "le": le}, total)
-            metric.add_sample(self.name + "_count", labels, total)
-            if self.bounds[0] >= 0:  # as prometheus_client: no sum when negatives count
-                metric.add_sample(self.name + "_sum", labels, child.sum)
-            if created:
-                metric.add_sample(self.name + "_created", labels, child.created)
-        return [metric]
+    def _add_samples(self, metric: Metric, labels: dict[str, str], child: HistogramChild) -> None:
+        total = 0.0
+        for le, count in zip(self._bound_labels, child.counts, strict=True):
+            total += count
+            metric.add_sample(self.name + "_bucket", {**labels, "le": le}, total)
+        metric.add_sample(self.name + "_count", labels, total)
+        if self.bounds[0] >= 0:  # as prometheus_client: no sum when negatives count
+            metric.add_sample(self.name + "_sum", labels, child.sum)
