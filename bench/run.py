@@ -273,9 +273,9 @@ class Run:
     def in_process(self, texts_by_name: dict[str, list[str]]) -> None:
         """The ceiling and single-call latency of both backends for each corpus; the models
         are freed after."""
-        from embedserve.backend import load_local
-        from embedserve.packed import load_packed
-        from embedserve.store import ModelStore
+        from embedserve.engine.backend import load_local
+        from embedserve.engine.packed import load_packed
+        from embedserve.models.store import ModelStore
         from tests.serverutil import DEFAULT_MODEL, model_manifest, models_dir
 
         manifest = ModelStore(models_dir()).get(DEFAULT_MODEL)

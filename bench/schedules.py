@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from embedserve.planner import PackLimits, packed_slots, plan_packed
+from embedserve.engine.planner import PackLimits, packed_slots, plan_packed
 
 T = TypeVar("T")
 

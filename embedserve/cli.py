@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from embedserve.errors import EmbedServeError
+from embedserve.models.store import ModelStore
 from embedserve.settings import Settings, SettingsError
-from embedserve.store import ModelStore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,7 +111,7 @@ def _models(args: argparse.Namespace, store: ModelStore) -> int:
 
 
 def _import(args: argparse.Namespace, store: ModelStore) -> int:
-    from embedserve.importer import import_model
+    from embedserve.models.importer import import_model
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s")
     started = time.perf_counter()

@@ -21,8 +21,8 @@ from typing import Any, Literal, TextIO
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedserve.clientaddr import client_address, parse_networks
-from embedserve.requestid import HEADER, SCOPE_KEY, request_id
+from embedserve.http.middleware.client_addr import client_address, parse_networks
+from embedserve.http.middleware.request_id import HEADER, SCOPE_KEY, request_id
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -12,13 +12,13 @@ from types import FrameType
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedserve.app import create_app
-from embedserve.auth import warn_if_exposed
-from embedserve.backend import route_library_logs
+from embedserve.engine.backend import route_library_logs
+from embedserve.engine.registry import ModelRegistry
+from embedserve.http.app import create_app
+from embedserve.http.middleware.auth import warn_if_exposed
+from embedserve.http.uvicorn_protocol import protocol_class
 from embedserve.logs import configure_logging as configure_log_output
 from embedserve.logs import stop_background_logging
-from embedserve.protocol import protocol_class
-from embedserve.registry import ModelRegistry
 from embedserve.settings import Settings
 
 logger = logging.getLogger(__name__)

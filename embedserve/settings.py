@@ -30,7 +30,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from embedserve.auth import check_api_key, read_api_keys_file
+from embedserve.http.middleware.auth import check_api_key, read_api_keys_file
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 

@@ -35,7 +35,7 @@ SMALL = {
 
 
 def _packed_export() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "embedserve" / "packed_export.py"
+    path = Path(__file__).resolve().parent.parent / "embedserve" / "models" / "packed_export.py"
     spec = importlib.util.spec_from_file_location("packed_export", path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")

@@ -227,8 +227,8 @@ def main(argv: list[str]) -> int:
     import fastembed
     import onnxruntime
 
-    from embedserve.backend import load_local
-    from embedserve.store import ModelStore
+    from embedserve.engine.backend import load_local
+    from embedserve.models.store import ModelStore
     from tests.serverutil import (
         DEFAULT_MODEL,
         long_tailed_texts,

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from embedserve.app import create_app, policy_from
-from embedserve.registry import ModelRegistry
+from embedserve.engine.registry import ModelRegistry
+from embedserve.http.app import create_app, policy_from
+from embedserve.models.store import ModelStore
 from embedserve.settings import Settings
-from embedserve.store import ModelStore
 from tests.fakes import FakeLoader, GatedRunner
 from tests.reliability import Recorder, results_path
 from tests.serverutil import require_exported_model

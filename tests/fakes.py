@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from embedserve.backend import TokenIds, Vectors
-from embedserve.store import ModelSpec
-from embedserve.tokens import Token
+from embedserve.engine.backend import TokenIds, Vectors
+from embedserve.engine.tokens import Token
+from embedserve.models.store import ModelSpec
 
 DIM = 8
 

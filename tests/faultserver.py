@@ -19,11 +19,11 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from embedserve.app import build_registry
-from embedserve.backend import Backend, TokenIds, Vectors
+from embedserve.engine.backend import Backend, TokenIds, Vectors
+from embedserve.engine.tokens import Token
+from embedserve.http.app import build_registry
 from embedserve.server import serve
 from embedserve.settings import Settings, SettingsError
-from embedserve.tokens import Token
 
 DEFAULT_MARKER = "__fault__"
 

@@ -28,7 +28,7 @@ _TRACE_MARKERS = (
     "site-packages",
     "dist-packages",
 )
-# A frame line as loggers print it, e.g. ``embedserve/registry.py", line 42``.
+# A frame line as loggers print it, e.g. ``embedserve/engine/registry.py", line 42``.
 _FRAME = re.compile(r"\.py\"?,? line \d+")
 
 

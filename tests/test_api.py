@@ -416,7 +416,7 @@ async def test_streamed_body_over_limit_is_413_after_reading_little(serve: Serve
     assert "content-length" not in response.request.headers
     assert_error(response, 413, "request_too_large")
     # Past the limit the body is read on and discarded (never held), up to twice the limit,
-    # so that a client still sending gets the answer (see embedserve/limits.py).
+    # so that a client still sending gets the answer (see embedserve/http/middleware/body_limit.py).
     assert body.pulled <= 2 * 2048 + 2 * 512
 
 

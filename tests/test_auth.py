@@ -17,7 +17,12 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from embedserve import server
-from embedserve.auth import API_KEY_ID, ApiKeyAuth, exposure_warning, warn_if_exposed
+from embedserve.http.middleware.auth import (
+    API_KEY_ID,
+    ApiKeyAuth,
+    exposure_warning,
+    warn_if_exposed,
+)
 from embedserve.settings import Settings, SettingsError
 from tests.conftest import Serve
 

@@ -15,7 +15,7 @@ import anyio
 import numpy as np
 import pytest
 
-from embedserve.batcher import PROBE_TEXT, BatchPolicy, BatchRecord, MicroBatcher
+from embedserve.engine.batcher import PROBE_TEXT, BatchPolicy, BatchRecord, MicroBatcher
 from embedserve.errors import InferenceFailed, Overloaded, RequestTimeout, ShuttingDown
 from tests.fakes import FakeBackend, FakeClock, GatedRunner, fake_vector
 
@@ -629,7 +629,7 @@ async def test_padded_backend_still_gets_texts_and_their_ids(gate: GatedRunner) 
 async def test_a_planning_fault_fails_one_request_and_the_loop_serves_on(
     backend: FakeBackend, gate: GatedRunner, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
-    import embedserve.batcher as batcher_module
+    import embedserve.engine.batcher as batcher_module
 
     real_plan = batcher_module.plan_batch
     faults = [RuntimeError("planner bug")]

@@ -27,7 +27,7 @@ import pytest
 from bench import facts, figures, inprocess, loadgen, report, run, schedules, targets
 from bench import server as bench_server
 from bench.stats import latency_summary, percentile, ratio, rss_trend
-from embedserve.planner import PackLimits, pack_rows, packed_slots
+from embedserve.engine.planner import PackLimits, pack_rows, packed_slots
 from tests.serverutil import DEFAULT_MODEL, ROOT, require_exported_model
 
 BENCH_LOCK = Path("/tmp/embedserve-bench.lock")

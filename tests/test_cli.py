@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from embedserve.cli import main
-from embedserve.store import Manifest, ModelStore
+from embedserve.models.store import Manifest, ModelStore
 
 
 def add_model(root: Path, name: str, packed_sha256: str = "") -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from embedserve.clientaddr import client_address, parse_address, parse_networks
+from embedserve.http.middleware.client_addr import client_address, parse_address, parse_networks
 
 TRUSTED = parse_networks(["10.0.0.0/8", "192.0.2.10", "fd00::/8"])
 

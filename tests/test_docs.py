@@ -1,4 +1,4 @@
-"""`embedserve.docs`: /docs is Swagger UI with every asset served locally (no CDN)."""
+"""`embedserve.http.swagger`: /docs is Swagger UI with every asset served locally (no CDN)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import anyio
 import httpx
 import pytest
 
-from embedserve.docs import ASSET_NAMES
+from embedserve.http.swagger import ASSET_NAMES
 from tests.conftest import Api
 
 pytestmark = pytest.mark.anyio

@@ -24,8 +24,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedserve.batcher import PROBE_TEXT
-from embedserve.store import (
+from embedserve.engine.batcher import PROBE_TEXT
+from embedserve.models.store import (
     MODEL_FILE,
     PACKED_MODEL_FILE,
     ModelStore,
@@ -275,7 +275,7 @@ class Batch:
 
 def replay(calls: list[dict[str, Any]]) -> list[Batch]:
     """Group the logged model calls into the batcher's batches, checking that each batch's
-    retries follow its rule (embedserve/batcher.py, `_isolate`): after a failed call of
+    retries follow its rule (embedserve/engine/batcher.py, `_isolate`): after a failed call of
     more than one text, its two halves are run; a failed half is split again; when both
     halves of more than two texts failed, one probe call on PROBE_TEXT (once per batch)
     decides whether to go on. One model runs one call at a time, so a batch's calls are

@@ -35,10 +35,10 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.python import asgi
 from starlette.applications import Starlette
 
-from embedserve.app import create_app, policy_from
-from embedserve.registry import ModelRegistry
+from embedserve.engine.registry import ModelRegistry
+from embedserve.http.app import create_app, policy_from
+from embedserve.models.store import ModelStore
 from embedserve.settings import Settings
-from embedserve.store import ModelStore
 from tests.conftest import CATALOGUE
 from tests.fakes import FakeLoader
 from tests.leaks import ROOT, assert_no_leak, find_leaks

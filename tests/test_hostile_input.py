@@ -31,7 +31,7 @@ import pytest
 from starlette.types import ASGIApp, Message
 
 from embedserve.logs import JsonFormatter, TextFormatter
-from embedserve.store import Manifest, ModelStore
+from embedserve.models.store import Manifest, ModelStore
 from tests.conftest import Api, Serve
 from tests.fakes import GatedRunner, fake_vector
 from tests.leaks import assert_no_leak

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedserve import exporter, importer
 from embedserve.errors import ImportFailed, InvalidModelName
-from embedserve.importer import (
+from embedserve.models import exporter, importer
+from embedserve.models.importer import (
     EXPORTER,
     STAMP_FILE,
     Vectors,
@@ -33,7 +33,7 @@ from embedserve.importer import (
     resolve_checkpoint,
     run_command,
 )
-from embedserve.store import (
+from embedserve.models.store import (
     MANIFEST_FILE,
     PACKED_MODEL_FILE,
     Manifest,
@@ -508,7 +508,7 @@ class FakePackedBackend:
 def test_packed_parity_runs_short_and_long_rows(
     monkeypatch: pytest.MonkeyPatch, skews: dict[int, float], worst: float
 ) -> None:
-    from embedserve import packed
+    from embedserve.engine import packed
 
     reference = np.eye(2, 4, dtype=np.float32)
     loaded: list[FakePackedBackend] = []

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from embedserve.loopmetrics import LoopCounter, LoopHistogram
+from embedserve.http.loopmetrics import LoopCounter, LoopHistogram
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0)
 AMOUNTS = [0.0, 0.0005, 0.001, 0.0010001, 0.05, 1.0, 9.99, 10.0, 10.5, 1e9, math.inf, math.nan]

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedserve.backend import Backend, load_local
-from embedserve.importer import min_cosine
-from embedserve.packed import load_packed
-from embedserve.store import PACKED_MODEL_FILE, Manifest, ModelStore, file_sha256
+from embedserve.engine.backend import Backend, load_local
+from embedserve.engine.packed import load_packed
+from embedserve.models.importer import min_cosine
+from embedserve.models.store import PACKED_MODEL_FILE, Manifest, ModelStore, file_sha256
 
 pytestmark = pytest.mark.integration
 

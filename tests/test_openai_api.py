@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from embedserve.store import Manifest, ModelStore
+from embedserve.models.store import Manifest, ModelStore
 from tests.conftest import Api, Serve
 from tests.fakes import DIM, fake_vector
 

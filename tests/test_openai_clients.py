@@ -17,7 +17,7 @@ import pytest
 from langchain_openai import OpenAIEmbeddings
 from tokenizers import Tokenizer
 
-from embedserve.store import ModelStore
+from embedserve.models.store import ModelStore
 from tests.serverutil import (
     DEFAULT_MODEL,
     ServerProcess,

@@ -1,4 +1,4 @@
-"""`embedserve.openapi`: /openapi.json is valid OpenAPI 3.1, documents every route, and its
+"""`embedserve.http.openapi`: /openapi.json is valid OpenAPI 3.1, documents every route, and its
 schemas accept the answers the app really gives (real responses, checked with jsonschema)."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from openapi_spec_validator import validate as validate_openapi
 from starlette.routing import BaseRoute, Mount, Route
 
-from embedserve import openapi, schemas
 from embedserve.errors import EmbedServeError, ImportFailed
-from embedserve.routes import routes
+from embedserve.http import openapi, schemas
+from embedserve.http.routes import routes
+from embedserve.models.store import validate_model_name
 from embedserve.settings import Settings
-from embedserve.store import validate_model_name
 from tests.conftest import Api, Serve
 
 pytestmark = pytest.mark.anyio

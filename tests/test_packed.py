@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from embedserve.backend import NonFiniteEmbedding
-from embedserve.packed import PackedBackend, PackedInputs, pool_segments
-from embedserve.planner import pack_rows
+from embedserve.engine.backend import NonFiniteEmbedding
+from embedserve.engine.packed import PackedBackend, PackedInputs, pool_segments
+from embedserve.engine.planner import pack_rows
 
 DIM = 6
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedserve import exporter, packed_export
-from embedserve.packed_export import pack_rows, packed_inputs, packed_recipe
+from embedserve.models import exporter, packed_export
+from embedserve.models.packed_export import pack_rows, packed_inputs, packed_recipe
 
 
 @pytest.mark.parametrize(

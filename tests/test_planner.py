@@ -2,7 +2,7 @@
 
 import random
 
-from embedserve.planner import (
+from embedserve.engine.planner import (
     BatchLimits,
     PackLimits,
     pack_rows,

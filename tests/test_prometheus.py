@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedserve.prometheus import PrometheusMetrics, wants_prometheus
+from embedserve.http.prometheus import PrometheusMetrics, wants_prometheus
 from tests.conftest import Api, Serve
 from tests.fakes import GatedRunner
 

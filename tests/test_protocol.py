@@ -1,5 +1,5 @@
-"""The request-head deadline (embedserve/protocol.py) on a real uvicorn over loopback, with a
-tiny app and a short deadline, so it runs without the model."""
+"""The request-head deadline (embedserve/http/uvicorn_protocol.py) on a real uvicorn over
+loopback, with a tiny app and a short deadline, so it runs without the model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from embedserve.protocol import protocol_class
+from embedserve.http.uvicorn_protocol import protocol_class
 from tests.serverutil import free_port
 
 pytestmark = pytest.mark.anyio

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from embedserve.ratelimit import RateLimit, TokenBuckets
+from embedserve.http.middleware.ratelimit import RateLimit, TokenBuckets
 from tests.conftest import Api, Serve
 from tests.fakes import FakeClock
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import AliasChoices
 
-from embedserve.routes import routes
+from embedserve.http.routes import routes
 from embedserve.settings import Settings
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -17,7 +17,8 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from embedserve.batcher import BatchPolicy
+from embedserve.engine.batcher import BatchPolicy
+from embedserve.engine.registry import ModelRegistry
 from embedserve.errors import (
     InvalidModelName,
     ModelNotAllowed,
@@ -26,8 +27,7 @@ from embedserve.errors import (
     RequestTimeout,
     ShuttingDown,
 )
-from embedserve.registry import ModelRegistry
-from embedserve.store import Manifest, ModelStore
+from embedserve.models.store import Manifest, ModelStore
 from tests.fakes import FakeClock, FakeLoader
 
 pytestmark = pytest.mark.anyio

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from embedserve.requestid import request_id
+from embedserve.http.middleware.request_id import request_id
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
 

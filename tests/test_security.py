@@ -23,8 +23,8 @@ from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from embedserve.auth import EXEMPT_PATHS, ApiKeyAuth
-from embedserve.routes import routes
+from embedserve.http.middleware.auth import EXEMPT_PATHS, ApiKeyAuth
+from embedserve.http.routes import routes
 from tests.reliability import Recorder
 from tests.serverutil import DEFAULT_MODEL, running_server
 

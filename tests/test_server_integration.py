@@ -46,8 +46,8 @@ def model_dir(exported_model: Path) -> Path:
 @pytest.fixture(scope="module")
 def reference(model_dir: Path) -> Iterator[Any]:
     """The model loaded in this process exactly as the server loads it."""
-    from embedserve.backend import load_local
-    from embedserve.store import ModelStore
+    from embedserve.engine.backend import load_local
+    from embedserve.models.store import ModelStore
 
     manifest = ModelStore(models_dir()).get(DEFAULT_MODEL)
     assert manifest is not None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from embedserve.errors import InvalidModelName, ModelUnavailable
-from embedserve.store import (
+from embedserve.models.store import (
     MANIFEST_FILE,
     MODEL_FILE,
     PACKED_MODEL_FILE,
@@ -157,7 +157,7 @@ def test_packed_file_is_checked_against_its_own_checksum(tmp_path: Path) -> None
 
 
 def test_loading_a_mismatching_model_file_fails_before_onnx_runtime(tmp_path: Path) -> None:
-    from embedserve.backend import load_local
+    from embedserve.engine.backend import load_local
 
     (tmp_path / MODEL_FILE).write_bytes(b"not a model")
     with pytest.raises(ModelUnavailable, match="org/m failed to load") as failed:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from embedserve.errors import NotSupported, Overloaded
-from embedserve.openapi import build_spec
+from embedserve.http.openapi import build_spec
 from embedserve.settings import Settings
 from tests.conftest import Api, Serve
 from tests.fakes import DIM, GatedRunner, fake_vector

@@ -32,9 +32,9 @@ MIN_COSINE = 0.9999  # the importer's parity bar (tests/test_model_parity.py)
 
 def check_embedding(url: str, models_dir: Path) -> bool:
     """/embed and /embed/batch of the container against the local model, loaded by embedserve."""
-    from embedserve.backend import load_spec
-    from embedserve.importer import min_cosine
-    from embedserve.store import ModelSpec, ModelStore
+    from embedserve.engine.backend import load_spec
+    from embedserve.models.importer import min_cosine
+    from embedserve.models.store import ModelSpec, ModelStore
 
     store = ModelStore(models_dir)
     manifest = store.get(MODEL)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedserve.auth import API_KEY_ID
-from embedserve.clientaddr import client_address, parse_networks
-from embedserve.responses import error_response
+from embedserve.http.middleware.auth import API_KEY_ID
+from embedserve.http.middleware.client_addr import client_address, parse_networks
+from embedserve.http.responses import error_response
 
 EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
 MAX_TRACKED_CLIENTS = 10_000

@@ -21,12 +21,12 @@ from prometheus_client.process_collector import ProcessCollector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from embedserve.loopmetrics import CounterChild, HistogramChild, LoopCounter, LoopHistogram
-from embedserve.responses import error_response
+from embedserve.http.loopmetrics import CounterChild, HistogramChild, LoopCounter, LoopHistogram
+from embedserve.http.responses import error_response
 
 if TYPE_CHECKING:
-    from embedserve.batcher import BatchRecord, EmbedResult
-    from embedserve.registry import ModelRegistry
+    from embedserve.engine.batcher import BatchRecord, EmbedResult
+    from embedserve.engine.registry import ModelRegistry
 
 
 # Seconds, for a server whose requests take milliseconds (one short text on 2 cores: ~2-5

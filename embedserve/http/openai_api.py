@@ -28,7 +28,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from embedserve.entries import ModelInfo
+from embedserve.engine.model_entry import ModelInfo
+from embedserve.engine.registry import ModelRegistry
 from embedserve.errors import (
     BadRequest,
     InvalidModelName,
@@ -37,7 +38,7 @@ from embedserve.errors import (
     ModelUnavailable,
     ValidationFailed,
 )
-from embedserve.handling import (
+from embedserve.http.embed_call import (
     ClientGone,
     Endpoint,
     json_body,
@@ -45,9 +46,8 @@ from embedserve.handling import (
     state,
     timing_headers,
 )
-from embedserve.registry import ModelRegistry
-from embedserve.responses import JSONResponse
-from embedserve.schemas import (
+from embedserve.http.responses import JSONResponse
+from embedserve.http.schemas import (
     TEXTS_SCHEMA,
     ModelName,
     check_texts,

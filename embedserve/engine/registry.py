@@ -21,9 +21,15 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import anyio.to_thread
 
-from embedserve.backend import Backend
-from embedserve.batcher import PROBE_TEXT, BatchPolicy, BatchRecord, EmbedResult, MicroBatcher
-from embedserve.entries import ModelEntry, ModelInfo
+from embedserve.engine.backend import Backend
+from embedserve.engine.batcher import (
+    PROBE_TEXT,
+    BatchPolicy,
+    BatchRecord,
+    EmbedResult,
+    MicroBatcher,
+)
+from embedserve.engine.model_entry import ModelEntry, ModelInfo
 from embedserve.errors import (
     EmbedServeError,
     InferenceFailed,
@@ -34,7 +40,7 @@ from embedserve.errors import (
     RequestTimeout,
     ShuttingDown,
 )
-from embedserve.store import ModelSpec, ModelStore, validate_model_name
+from embedserve.models.store import ModelSpec, ModelStore, validate_model_name
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ does not have embedserve installed, so it imports nothing from embedserve: only 
 library at module level, and the heavy libraries lazily inside `main`. That also keeps the pure
 helpers importable (and unit-testable) from the serving venv, where torch is absent.
 
-    BUILD_PY embedserve/exporter.py CHECKPOINT_DIR OUTPUT_DIR
+    BUILD_PY embedserve/models/exporter.py CHECKPOINT_DIR OUTPUT_DIR
 
 writes into OUTPUT_DIR: ``model.onnx`` (inputs ``input_ids``, ``attention_mask`` and, when the
 model takes it, ``token_type_ids``, all int64 with dynamic batch and sequence axes; output

@@ -26,9 +26,9 @@ import anyio
 import anyio.to_thread
 import numpy as np
 
-from embedserve.backend import Backend, TokenIds, Vectors
+from embedserve.engine.backend import Backend, TokenIds, Vectors
+from embedserve.engine.planner import BatchLimits, PackLimits, packed_slots, plan_batch, plan_packed
 from embedserve.errors import InferenceFailed, Overloaded, RequestTimeout, ShuttingDown
-from embedserve.planner import BatchLimits, PackLimits, packed_slots, plan_batch, plan_packed
 
 logger = logging.getLogger(__name__)
 

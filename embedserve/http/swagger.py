@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from embedserve.responses import error_response
+from embedserve.http.responses import error_response
 
 SWAGGER_UI_DIR = Path(swagger_ui_bundle.swagger_ui_path)
 INIT_JS = "init.js"

@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from embedserve.errors import BadRequest, EmbedServeError, ValidationFailed
-from embedserve.store import MAX_NAME_LENGTH
+from embedserve.models.store import MAX_NAME_LENGTH
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -9,7 +9,7 @@ the connection (first request) or from the first byte of the next request (keep-
 and answers a late one 408 ``header_timeout``, then closes the connection. A request the
 HTTP parser rejects (a malformed head, a negative or 30-digit Content-Length) is answered
 400 ``bad_request`` in the same ``{"error", "error_type"}`` shape instead of uvicorn's
-plain text. The body's own deadline is `BODY_TIMEOUT_S` (embedserve/limits.py).
+plain text. The body's own deadline is `BODY_TIMEOUT_S` (embedserve/http/middleware/body_limit.py).
 
 It relies on hooks of uvicorn's httptools protocol (``connection_made``, ``data_received``,
 ``on_message_begin``, ``on_headers_complete``, ``send_400_response``); tests/test_protocol.py

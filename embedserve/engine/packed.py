@@ -21,17 +21,22 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from embedserve.backend import (
+from embedserve.engine.backend import (
     NonFiniteEmbedding,
     TokenIds,
     Vectors,
     return_freed_memory,
     token_ids,
 )
+from embedserve.engine.planner import pack_rows
+from embedserve.engine.tokens import TokenizerViews
 from embedserve.errors import ModelUnavailable
-from embedserve.planner import pack_rows
-from embedserve.store import PACKED_MODEL_FILE, Manifest, ModelFileMismatch, verify_model_file
-from embedserve.tokens import TokenizerViews
+from embedserve.models.store import (
+    PACKED_MODEL_FILE,
+    Manifest,
+    ModelFileMismatch,
+    verify_model_file,
+)
 
 logger = logging.getLogger(__name__)
 

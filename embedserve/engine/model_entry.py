@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from embedserve.backend import Backend
-from embedserve.batcher import MicroBatcher
-from embedserve.store import ModelSpec
+from embedserve.engine.backend import Backend
+from embedserve.engine.batcher import MicroBatcher
+from embedserve.models.store import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from embedserve.engine.registry import ModelRegistry
 from embedserve.errors import (
     InvalidModelName,
     ModelNotAllowed,
     ModelNotFound,
     ValidationFailed,
 )
-from embedserve.handling import (
+from embedserve.http.embed_call import (
     ClientGone,
     Endpoint,
     json_body,
@@ -23,25 +24,24 @@ from embedserve.handling import (
     state,
     timing_headers,
 )
-from embedserve.prometheus import prometheus_answer
-from embedserve.registry import ModelRegistry
-from embedserve.responses import JSONResponse, error_response
-from embedserve.schemas import (
+from embedserve.http.prometheus import prometheus_answer
+from embedserve.http.responses import JSONResponse, error_response
+from embedserve.http.schemas import (
     BatchEmbedRequest,
     EmbedRequest,
     check_texts,
     validate,
 )
+from embedserve.http.tei_api import embed_inputs
 from embedserve.settings import Settings
-from embedserve.tei_api import embed_inputs
 
 
 def routes() -> list[BaseRoute]:
     """Every route of the API."""
-    from embedserve.docs import docs_routes
-    from embedserve.openai_api import openai_routes
-    from embedserve.openapi import openapi_json  # here: it imports this module's handlers
-    from embedserve.tei_api import tei_routes
+    from embedserve.http.openai_api import openai_routes
+    from embedserve.http.openapi import openapi_json  # here: it imports this module's handlers
+    from embedserve.http.swagger import docs_routes
+    from embedserve.http.tei_api import tei_routes
 
     # The router tries routes in order: the embedding endpoints, the busy ones, come first.
     embeddings, *openai_rest = openai_routes()

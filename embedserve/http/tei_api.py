@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from embedserve import __version__
-from embedserve.backend import Backend, Vectors
+from embedserve.engine.backend import Backend, Vectors
 from embedserve.errors import (
     InferenceFailed,
     ModelFailed,
@@ -29,7 +29,7 @@ from embedserve.errors import (
     TooManyInputs,
     ValidationFailed,
 )
-from embedserve.handling import (
+from embedserve.http.embed_call import (
     ClientGone,
     Endpoint,
     json_body,
@@ -37,17 +37,17 @@ from embedserve.handling import (
     state,
     timing_headers,
 )
-from embedserve.logs import ARRIVED_AT, MODEL_KEY, TEXTS_KEY
-from embedserve.responses import JSONResponse
-from embedserve.schemas import check_texts, dimensions_refusal, string_or_list, validate
-from embedserve.settings import Settings
-from embedserve.tei_schemas import (
+from embedserve.http.responses import JSONResponse
+from embedserve.http.schemas import check_texts, dimensions_refusal, string_or_list, validate
+from embedserve.http.tei_schemas import (
     MAX_TOKEN_ID,
     DecodeRequest,
     EmbedAllRequest,
     TEIEmbedRequest,
     TokenizeRequest,
 )
+from embedserve.logs import ARRIVED_AT, MODEL_KEY, TEXTS_KEY
+from embedserve.settings import Settings
 
 T = TypeVar("T")
 

@@ -18,9 +18,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from embedserve.engine.tokens import Token, TokenizerViews
 from embedserve.errors import ModelUnavailable, NotSupported
-from embedserve.store import Manifest, ModelFileMismatch, ModelSpec, verify_model_file
-from embedserve.tokens import Token, TokenizerViews
+from embedserve.models.store import Manifest, ModelFileMismatch, ModelSpec, verify_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def load_spec(
     """
     if spec.source == "local" and spec.directory is not None and spec.manifest is not None:
         if packing and spec.manifest.packed:
-            from embedserve.packed import load_packed
+            from embedserve.engine.packed import load_packed
 
             return load_packed(
                 spec.directory, spec.manifest, threads, row_tokens, spinning=ort_spinning

@@ -31,12 +31,12 @@ import numpy as np
 import numpy.typing as npt
 
 from embedserve.errors import ImportFailed
-from embedserve.store import PACKED_MODEL_FILE, Manifest, ModelStore, file_sha256
+from embedserve.models.store import PACKED_MODEL_FILE, Manifest, ModelStore, file_sha256
 
 logger = logging.getLogger(__name__)
 
 EXPORTER = Path(__file__).with_name("exporter.py")
-DEFAULT_REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements-build.txt"
+DEFAULT_REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements-build.txt"
 STAMP_FILE = ".embedserve-build.json"
 PARITY_MIN_COSINE = 0.9999
 # Row lengths the packed parity check runs the texts at, as fractions of max_tokens: short rows
@@ -208,7 +208,7 @@ def fastembed_parity(
     model_dir: Path, manifest: Manifest, texts: Sequence[str], expected: Vectors
 ) -> float:
     """Min cosine between FastEmbed's embeddings of `texts` (as served) and `expected`."""
-    from embedserve.backend import load_local
+    from embedserve.engine.backend import load_local
 
     backend = load_local(model_dir, manifest, threads=None)
     try:
@@ -222,7 +222,7 @@ def packed_parity(
 ) -> float:
     """Min cosine between the packed backend's embeddings of `texts` and `expected`, over
     runs at each of `PACKED_PARITY_ROWS`, so that rows mix texts of very different lengths."""
-    from embedserve.packed import load_packed
+    from embedserve.engine.packed import load_packed
 
     cosines = []
     for fraction in PACKED_PARITY_ROWS:

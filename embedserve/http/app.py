@@ -18,22 +18,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp
 
-from embedserve import backend
-from embedserve.auth import ApiKeyAuth, load_api_keys
-from embedserve.backend import Backend
-from embedserve.batcher import BatchPolicy
+from embedserve.engine import backend
+from embedserve.engine.backend import Backend
+from embedserve.engine.batcher import BatchPolicy
+from embedserve.engine.registry import ModelRegistry
 from embedserve.errors import EmbedServeError, ValidationFailed
-from embedserve.limits import BodySizeLimit
+from embedserve.http.middleware.auth import ApiKeyAuth, load_api_keys
+from embedserve.http.middleware.body_limit import BodySizeLimit
+from embedserve.http.middleware.ratelimit import RateLimit, TokenBuckets
+from embedserve.http.prometheus import PrometheusMetrics
+from embedserve.http.request_stats import AppStats
+from embedserve.http.responses import error_response
+from embedserve.http.routes import routes
+from embedserve.http.tei_api import TEI_HEADERS
 from embedserve.logs import AccessLog
-from embedserve.prometheus import PrometheusMetrics
-from embedserve.ratelimit import RateLimit, TokenBuckets
-from embedserve.registry import ModelRegistry
-from embedserve.responses import error_response
-from embedserve.routes import routes
+from embedserve.models.store import ModelSpec, ModelStore
 from embedserve.settings import Settings
-from embedserve.stats import AppStats
-from embedserve.store import ModelSpec, ModelStore
-from embedserve.tei_api import TEI_HEADERS
 
 logger = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.requests import Request
 from starlette.responses import Response
 
-from embedserve import __version__, auth, ratelimit
-from embedserve.docs import ASSET_NAMES
+from embedserve import __version__
 from embedserve.errors import EmbedServeError
-from embedserve.openai_api import EmbeddingsRequest
-from embedserve.responses import OPENAI_PREFIX
-from embedserve.schemas import (
+from embedserve.http.middleware import auth, ratelimit
+from embedserve.http.openai_api import EmbeddingsRequest
+from embedserve.http.responses import OPENAI_PREFIX
+from embedserve.http.schemas import (
     BatchEmbedRequest,
     BatchEmbedResponse,
     EmbedRequest,
@@ -46,9 +46,9 @@ from embedserve.schemas import (
     OpenAIModelList,
     ReadyResponse,
 )
-from embedserve.settings import Settings
-from embedserve.tei_api import TEI_HEADERS
-from embedserve.tei_schemas import (
+from embedserve.http.swagger import ASSET_NAMES
+from embedserve.http.tei_api import TEI_HEADERS
+from embedserve.http.tei_schemas import (
     DecodeRequest,
     DecodeResponse,
     EmbedAllRequest,
@@ -59,6 +59,7 @@ from embedserve.tei_schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from embedserve.settings import Settings
 
 OPENAPI_VERSION = "3.1.0"
 REF_TEMPLATE = "#/components/schemas/{model}"

@@ -13,13 +13,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from embedserve.batcher import EmbedResult
+from embedserve.engine.batcher import EmbedResult
+from embedserve.engine.registry import ModelRegistry
 from embedserve.errors import UnsupportedMediaType
+from embedserve.http.request_stats import AppStats
+from embedserve.http.schemas import parse_json
 from embedserve.logs import ARRIVED_AT, MODEL_KEY, TEXTS_KEY
-from embedserve.registry import ModelRegistry
-from embedserve.schemas import parse_json
 from embedserve.settings import Settings
-from embedserve.stats import AppStats
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from embedserve.responses import error_response
+from embedserve.http.responses import error_response
 
 if TYPE_CHECKING:
     from embedserve.settings import Settings

@@ -20,7 +20,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from embedserve.schemas import TEXTS_SCHEMA, whole_number
+from embedserve.http.schemas import TEXTS_SCHEMA, whole_number
 
 # Token ids are u32 in TEI; ids outside the model's vocabulary decode to nothing.
 MAX_TOKEN_ID = 2**32 - 1

@@ -1,0 +1,1 @@
+"""The batching engine: batcher, planner, model registry, backends. Never imports Starlette."""

@@ -1,0 +1,1 @@
+"""ASGI middleware: API keys, rate limits, body limits, request ids, client addresses."""
