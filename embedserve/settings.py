@@ -37,7 +37,7 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 StrList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
 # Never echoed in an error message (see `_describe`).
-SECRET_SETTINGS = frozenset({"API_KEYS"})
+SECRET_SETTINGS = frozenset({"API_KEYS", "BULK_ONLY_API_KEYS"})
 
 
 # Set while `Settings.build` runs, so that explicit construction never reads the environment.
@@ -204,7 +204,51 @@ class Settings(BaseSettings):
         le=100,
     )
     max_queue_size: int = _field(
-        "MAX_QUEUE_SIZE", 1024, "Most texts waiting per model before 429.", ge=1
+        "MAX_QUEUE_SIZE", 1024, "Most bulk-lane texts waiting per model before 429.", ge=1
+    )
+
+    # -- priority lanes ----------------------------------------------------------------
+    interactive_max_texts: int = _field(
+        "INTERACTIVE_MAX_TEXTS",
+        4,
+        "Requests to /embed, /v1/embeddings and TEI's routes with at most this many texts "
+        "go to the interactive lane unless they ask otherwise (/embed/batch: always bulk); "
+        "0 puts every request in the bulk lane unless it asks for interactive.",
+        ge=0,
+    )
+    max_queue_size_interactive: int = _field(
+        "MAX_QUEUE_SIZE_INTERACTIVE",
+        256,
+        "Most interactive-lane texts waiting per model before 429.",
+        ge=1,
+    )
+    bulk_min_share: float = _field(
+        "BULK_MIN_SHARE",
+        0.25,
+        "Share of each batch kept for bulk texts while they wait, so that a flood of "
+        "interactive requests never starves an ingestion job.",
+        gt=0,
+        le=1,
+    )
+    interactive_token_budget: int = _field(
+        "INTERACTIVE_TOKEN_BUDGET",
+        256,
+        "Most token slots a batch computes while interactive requests come (one in the last "
+        "INTERACTIVE_WINDOW_MS), so that a query waits for a short batch; 0: "
+        "BATCH_TOKEN_BUDGET.",
+        ge=0,
+    )
+    interactive_window_ms: float = _field(
+        "INTERACTIVE_WINDOW_MS",
+        1000.0,
+        "How long after an interactive request batches stay within INTERACTIVE_TOKEN_BUDGET.",
+        ge=0,
+    )
+    bulk_only_api_keys: SecretList = _field(
+        "BULK_ONLY_API_KEYS",
+        [],
+        "API keys (also listed in API_KEYS or API_KEYS_FILE) whose requests always go to "
+        "the bulk lane, whatever they ask.",
     )
 
     # -- production surface ------------------------------------------------------------
@@ -245,6 +289,7 @@ class Settings(BaseSettings):
         "allowed_models",
         "cors_origins",
         "api_keys",
+        "bulk_only_api_keys",
         "trusted_proxies",
         mode="before",
     )
@@ -257,7 +302,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "bulk_only_api_keys")
     @classmethod
     def _check_api_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
         for key in value:
@@ -291,8 +336,10 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"REQUIRED_MODELS {outside} are not in ALLOWED_MODELS {self.allowed_models}"
                 )
-        if self.max_batch_size > self.max_queue_size:
-            raise ValueError("MAX_BATCH_SIZE must not exceed MAX_QUEUE_SIZE")
+        if self.max_batch_size > min(self.max_queue_size, self.max_queue_size_interactive):
+            raise ValueError(
+                "MAX_BATCH_SIZE must not exceed MAX_QUEUE_SIZE or MAX_QUEUE_SIZE_INTERACTIVE"
+            )
         if len(self.required_models) > self.max_cached_models:
             raise ValueError("more REQUIRED_MODELS than MAX_CACHED_MODELS")
         return self

@@ -457,7 +457,8 @@ async def test_full_queue_is_429_at_once_and_admitted_requests_finish(serve: Ser
     gate = GatedRunner(open_=True)  # open while the lifespan loads fake/a
     answers: dict[str, httpx.Response] = {}
     with anyio.fail_after(10):
-        async with serve(run_sync=gate, max_queue_size=2, max_batch_size=2) as api:
+        limits = {"max_queue_size_interactive": 2, "max_batch_size": 2}
+        async with serve(run_sync=gate, **limits) as api:
 
             async def embed(text: str) -> None:
                 answers[text] = await api.client.post("/embed", json={"text": text})

@@ -35,6 +35,8 @@ FAMILIES = {
     "embedserve_model_offloads": "counter",
     "embedserve_dropped_texts": "counter",
     "embedserve_failed_batches": "counter",
+    "embedserve_lane_queue_depth": "gauge",
+    "embedserve_lane_texts": "counter",
     "embedserve_event_loop_tasks": "gauge",
 }
 PROMETHEUS_SCRAPE_ACCEPT = (
@@ -97,7 +99,12 @@ async def test_exposition_parses_and_has_every_family(api: Api) -> None:
     assert value(samples, "embedserve_requests_total", endpoint="/embed", status="200") == 1
     assert value(samples, "embedserve_requests_total", endpoint="/embed/batch", status="200") == 1
     assert value(samples, "embedserve_request_duration_seconds_count", endpoint="/embed") == 2
-    assert value(samples, "embedserve_queue_time_seconds_count", model="fake/a") == 2
+    # /embed ran in the interactive lane, /embed/batch in the bulk lane.
+    for lane in ("interactive", "bulk"):
+        assert value(samples, "embedserve_queue_time_seconds_count", model="fake/a", lane=lane) == 1
+        assert value(samples, "embedserve_lane_queue_depth", model="fake/a", lane=lane) == 0
+    assert value(samples, "embedserve_lane_texts_total", model="fake/a", lane="interactive") == 1
+    assert value(samples, "embedserve_lane_texts_total", model="fake/a", lane="bulk") == 2
     assert value(samples, "embedserve_inference_time_seconds_count", model="fake/a") == 2
     assert value(samples, "embedserve_batch_size_sum", model="fake/a") == 3
     assert value(samples, "embedserve_batch_padded_tokens_sum", model="fake/a") > 0
@@ -143,7 +150,7 @@ async def test_batch_size_histogram_moves_under_concurrent_load(serve: Serve) ->
     assert moved("embedserve_batch_fill_ratio_count") == 2
     assert moved("embedserve_batch_fill_ratio_sum") == 2.0
     assert moved("embedserve_batch_fill_ratio_bucket", le="0.98") == 0
-    assert moved("embedserve_queue_time_seconds_count") == 5
+    assert moved("embedserve_queue_time_seconds_count", lane="interactive") == 5
 
 
 async def test_queue_depth_gauge_reads_the_batcher(serve: Serve) -> None:
@@ -207,7 +214,8 @@ async def test_rejections_are_counted_by_status_and_error_type(serve: Serve) -> 
                 await gate.wait_for_waiting(1)
                 group.start_soon(post, api, "/embed/batch", {"texts": ["a", "b"]})
                 await wait_queued(api, 2)
-                refused = await api.client.post("/embed", json={"text": "one too many"})
+                # The bulk lane is full (a query would still be admitted).
+                refused = await api.client.post("/embed/batch", json={"texts": ["one more"]})
                 gate.open = True
                 gate.release()
             invalid = await api.client.post("/embed", json={"text": ""})
@@ -223,7 +231,7 @@ async def test_rejections_are_counted_by_status_and_error_type(serve: Serve) -> 
     assert errors("429", "overloaded") == 1
     assert errors("422", "validation_error") == 1
     assert errors("413", "request_too_large") == 1
-    assert value(samples, "embedserve_requests_total", endpoint="/embed", status="429") == 1
+    assert value(samples, "embedserve_requests_total", endpoint="/embed/batch", status="429") == 1
     assert value(samples, "embedserve_requests_total", endpoint="/embed", status="200") == 1
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -48,6 +49,13 @@ PROBE_TEXT = "warm-up"
 # swing admission.
 RECENT_WEIGHT = 0.2
 
+# Priority lanes. An interactive text (a search query) goes ahead of every bulk text (an
+# ingestion job's) queued before it; bulk keeps a share of every batch (`BatchPolicy`).
+Lane = Literal["interactive", "bulk"]
+INTERACTIVE: Lane = "interactive"
+BULK: Lane = "bulk"
+LANES: tuple[Lane, ...] = (INTERACTIVE, BULK)
+
 
 @dataclass(frozen=True)
 class BatchPolicy:
@@ -56,6 +64,14 @@ class BatchPolicy:
     `token_budget` caps the token slots one batch computes: texts x longest for a padded
     backend, rows x row length for a packed one (so budget // row length rows).
     `min_fill` applies to padded batches only, `lookahead` to packed ones.
+
+    Lanes: `max_queue` bounds the bulk lane's queue and `max_queue_interactive` the
+    interactive lane's. While bulk texts wait, interactive texts take at most
+    ``1 - bulk_share`` of a packed batch's slots, and a padded batch is anchored on the
+    oldest bulk text once ``round(1 / bulk_share) - 1`` batches in a row took no bulk text.
+    While the interactive lane is in use (a text in the last `interactive_window_s`), a batch
+    computes at most `interactive_budget` token slots (0: `token_budget`), so that a query
+    arriving meanwhile waits for a short batch, not a long one.
     """
 
     max_texts: int = 64
@@ -65,6 +81,10 @@ class BatchPolicy:
     max_queue: int = 1024
     enabled: bool = True
     lookahead: int = 256
+    max_queue_interactive: int = 256
+    bulk_share: float = 0.25
+    interactive_budget: int = 0
+    interactive_window_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,7 @@ class EmbedResult:
     token_counts: list[int]
     queue_ms: float
     inference_ms: float
+    lane: Lane = BULK
 
 
 @dataclass(frozen=True)
@@ -100,6 +121,8 @@ class BatcherStats:
     inference_s: float = 0.0
     queue_s: float = 0.0
     recent_s_per_text: float | None = None  # wall time per text while busy, moving average
+    lane_texts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LANES, 0))
+    lane_queue_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LANES, 0.0))
 
     @property
     def mean_batch_size(self) -> float:
@@ -118,6 +141,7 @@ class _Request:
     token_counts: list[int]
     submitted: float
     remaining: int
+    lane: Lane = BULK
     inference_s: float = 0.0
     last_batch: int = 0  # the latest batch that delivered to it (batches only count up)
 
@@ -176,6 +200,17 @@ class MicroBatcher:
             max_texts=policy.max_texts,
             lookahead=policy.lookahead,
         )
+        # The smaller batches run while the interactive lane is in use.
+        budget = policy.interactive_budget or policy.token_budget
+        short_row = min(row_tokens, budget)
+        self._pack_limits_interactive = dataclasses.replace(
+            self._pack_limits, row_tokens=short_row, max_rows=max(1, budget // short_row)
+        )
+        self._limits_interactive = dataclasses.replace(self._limits, token_budget=budget)
+        # Padded batches in a row that took no bulk text while bulk texts waited.
+        self._starve_limit = max(1, round(1 / policy.bulk_share) - 1) if policy.bulk_share else 0
+        self._without_bulk = 0
+        self._interactive_seen: float | None = None  # when an interactive text last arrived
         self._run_sync: RunSync[Any] = run_sync or anyio.to_thread.run_sync
         self._tokenize_sync: RunSync[Any] = tokenize_sync or anyio.to_thread.run_sync
         self._clock = clock
@@ -222,18 +257,28 @@ class MicroBatcher:
                 self._tokenize_loop(), name=f"tokenizer:{self.backend.name}"
             )
 
-    async def submit(self, texts: Sequence[str], *, timeout_s: float | None = None) -> EmbedResult:
-        """Embed `texts` (in order) as part of whatever batches the loop forms.
+    def queued_by_lane(self) -> dict[str, int]:
+        """Texts admitted and waiting, per lane."""
+        counts: dict[str, int] = dict.fromkeys(LANES, 0)
+        for queue in (self._pending, self._arrivals, self._tokenizing):
+            for item in queue:
+                counts[item.request.lane] += 1
+        return counts
 
-        Raises `Overloaded` at once when the queue cannot take all of them, or when the work
-        already queued would keep them waiting past `timeout_s`; `ShuttingDown` while
+    async def submit(
+        self, texts: Sequence[str], *, timeout_s: float | None = None, lane: Lane = BULK
+    ) -> EmbedResult:
+        """Embed `texts` (in order) as part of whatever batches the loop forms, in `lane`.
+
+        Raises `Overloaded` at once when the lane's queue cannot take all of them, or when the
+        work ahead of them would keep them waiting past `timeout_s`; `ShuttingDown` while
         draining; `RequestTimeout` after `timeout_s` (its work is dropped); and
         `InferenceFailed` when the backend failed on one of them (alone, or on a part of its
         batch that could not be narrowed down; see `_isolate`).
         """
         if not texts:
             raise ValueError("submit needs at least one text")
-        self._admit(len(texts), timeout_s)
+        self._admit(len(texts), timeout_s, lane)
         future: asyncio.Future[EmbedResult] = asyncio.get_running_loop().create_future()
         request = _Request(
             future=future,
@@ -241,9 +286,15 @@ class MicroBatcher:
             token_counts=[0] * len(texts),
             submitted=self._clock(),
             remaining=len(texts),
+            lane=lane,
         )
-        if self.idle and sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
-            # Nothing else to do: a thread hop would only delay this request.
+        if lane == INTERACTIVE:
+            self._interactive_seen = request.submitted
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS and (
+            self.idle or (lane == INTERACTIVE and self._tokenizer_has_bulk())
+        ):
+            # Nothing else to do, or only bulk texts to wait behind in the tokeniser: a
+            # thread hop would only delay this request.
             ids = self.backend.tokenize(texts)
             request.token_counts = [len(x) for x in ids]
             pairs = zip(texts, ids, strict=True)
@@ -263,31 +314,40 @@ class MicroBatcher:
                 f"request to model {self.backend.name} timed out after {timeout_s:g}s"
             ) from None
 
-    def estimated_wait_s(self, count: int = 0) -> float:
-        """Seconds until `count` more texts would be embedded, at the recent pace (0 before
-        the first batch)."""
+    def estimated_wait_s(self, count: int = 0, lane: Lane = BULK) -> float:
+        """Seconds until `count` more texts of `lane` would be embedded, at the recent pace
+        (0 before the first batch): an interactive text waits only for interactive ones."""
         per_text = self.stats.recent_s_per_text or 0.0
-        return (self.queued + self._in_flight + count) * per_text
+        return (self._ahead(lane) + self._in_flight + count) * per_text
 
-    def _admit(self, count: int, timeout_s: float | None = None) -> None:
+    def _ahead(self, lane: Lane) -> int:
+        """Texts queued that a new text of `lane` would wait for."""
+        return self.queued_by_lane()[INTERACTIVE] if lane == INTERACTIVE else self.queued
+
+    def _tokenizer_has_bulk(self) -> bool:
+        return any(a.request.lane == BULK for a in (*self._arrivals, *self._tokenizing))
+
+    def _admit(self, count: int, timeout_s: float | None, lane: Lane) -> None:
         if self._closing:
             raise ShuttingDown()
-        queued = self.queued
-        if queued + count > self.policy.max_queue:
+        queued = self.queued_by_lane()[lane]
+        limit = self.policy.max_queue_interactive if lane == INTERACTIVE else self.policy.max_queue
+        if queued + count > limit:
             raise Overloaded(
-                f"model {self.backend.name} is overloaded: {queued} texts queued "
-                f"(limit {self.policy.max_queue}); retry later",
-                retry_after_s=self._retry_after_s(),
+                f"model {self.backend.name} is overloaded: {queued} {lane} texts queued "
+                f"(limit {limit}); retry later",
+                retry_after_s=self._retry_after_s(lane),
             )
         # A request that would time out in the queue is refused now rather than after its
         # whole timeout: the client learns at once, and can retry elsewhere. Only behind
         # other work: alone, a request gets its chance whatever its size.
-        wait_s = self.estimated_wait_s(count)
-        if queued and timeout_s is not None and wait_s > timeout_s:
+        wait_s = self.estimated_wait_s(count, lane)
+        if self._ahead(lane) and timeout_s is not None and wait_s > timeout_s:
             raise Overloaded(
-                f"model {self.backend.name} is overloaded: {queued} texts queued would take "
-                f"about {wait_s:.1f}s, past the request timeout of {timeout_s:g}s; retry later",
-                retry_after_s=self._retry_after_s(),
+                f"model {self.backend.name} is overloaded: the texts queued ahead of these "
+                f"would take about {wait_s:.1f}s, past the request timeout of {timeout_s:g}s; "
+                "retry later",
+                retry_after_s=self._retry_after_s(lane),
             )
 
     def expire(self) -> None:
@@ -448,20 +508,34 @@ class MicroBatcher:
 
     def _take_batch(self) -> list[_Item]:
         pending = self._pending
-        if not self.policy.enabled:
-            chosen = [0]
-        elif self._packed:
+        urgent = [item.request.lane == INTERACTIVE for item in pending]
+        mixed = any(urgent) and not all(urgent)
+        interactive = self._interactive_active()
+        lengths = [len(item.ids) for item in pending]
+        keys = [item.text for item in pending]
+        if self._packed and self.policy.enabled:
+            limits = self._pack_limits_interactive if interactive else self._pack_limits
             chosen = plan_packed(
-                [len(item.ids) for item in pending],
-                [item.text for item in pending],
-                self._pack_limits,
+                lengths, keys, limits, urgent if mixed else None, self.policy.bulk_share
             )
         else:
-            chosen = plan_batch(
-                [len(item.ids) for item in pending],
-                [item.text for item in pending],
-                self._limits,
-            )
+            # Padded, or one text a batch: the planner anchors on the first text of `order`.
+            order = list(range(len(pending)))
+            if mixed:
+                bulk_turn = bool(self._starve_limit) and self._without_bulk >= self._starve_limit
+                order.sort(key=lambda i: urgent[i] == bulk_turn)
+            if not self.policy.enabled:
+                chosen = [order[0]]
+            else:
+                limits_padded = self._limits_interactive if interactive else self._limits
+                picked = plan_batch(
+                    [lengths[i] for i in order], [keys[i] for i in order], limits_padded
+                )
+                chosen = sorted(order[j] for j in picked)
+        if mixed and all(urgent[i] for i in chosen):
+            self._without_bulk += 1
+        else:
+            self._without_bulk = 0
         if len(chosen) == len(pending):
             self._pending = []
             return pending
@@ -571,6 +645,10 @@ class MicroBatcher:
             health.append(await self._embed([PROBE_TEXT], probe, {}) is None)
         return health[0]
 
+    def _interactive_active(self) -> bool:
+        seen = self._interactive_seen
+        return seen is not None and self._clock() - seen < self.policy.interactive_window_s
+
     def _fail(self, batch: Sequence[_Item | _Arrival], error: Exception) -> None:
         for item in batch:
             if not item.request.future.done():
@@ -590,12 +668,15 @@ class MicroBatcher:
         if request.remaining == 0:
             queued_s = max(0.0, self._clock() - request.submitted - request.inference_s)
             self.stats.queue_s += queued_s
+            self.stats.lane_texts[request.lane] += len(request.vectors)
+            self.stats.lane_queue_s[request.lane] += queued_s
             request.future.set_result(
                 EmbedResult(
                     vectors=np.stack([v for v in request.vectors if v is not None]),
                     token_counts=request.token_counts,
                     queue_ms=queued_s * 1000,
                     inference_ms=request.inference_s * 1000,
+                    lane=request.lane,
                 )
             )
 
@@ -630,10 +711,11 @@ class MicroBatcher:
             except Exception:  # an observer's fault must not end the loop and strand callers
                 logger.exception("on_batch hook failed for model %s", self.backend.name)
 
-    def _retry_after_s(self) -> int:
-        # Time to work off what is queued now; a guess of 10 ms a text before any batch ran.
+    def _retry_after_s(self, lane: Lane) -> int:
+        # Time to work off what is queued ahead in the lane; a guess of 10 ms a text before
+        # any batch ran.
         per_text = self.stats.recent_s_per_text or 0.01
-        return max(1, math.ceil((self.queued + self._in_flight) * per_text))
+        return max(1, math.ceil((self._ahead(lane) + self._in_flight) * per_text))
 
 
 def _tokenize_each(backend: Backend, texts: list[str]) -> list[TokenIds | Exception]:

@@ -28,6 +28,8 @@ class ModelInfo:
     queued: int = 0
     in_flight: int = 0
     stats: dict[str, float] = field(default_factory=dict)
+    # Per priority lane: queue_depth, texts (embedded since load), queue_s (their wait).
+    lanes: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -51,6 +53,7 @@ class ModelEntry:
     def info(self) -> ModelInfo:
         """A snapshot of this model's facts for the API."""
         stats = self.batcher.stats
+        queued = self.batcher.queued_by_lane()
         return ModelInfo(
             name=self.spec.name,
             is_loaded=True,
@@ -76,6 +79,14 @@ class ModelEntry:
                 "dropped_texts": stats.dropped_texts,
                 "inference_s": round(stats.inference_s, 4),
                 "queue_s": round(stats.queue_s, 4),
+            },
+            lanes={
+                lane: {
+                    "queue_depth": queued[lane],
+                    "texts": stats.lane_texts[lane],
+                    "queue_s": round(stats.lane_queue_s[lane], 4),
+                }
+                for lane in queued
             },
         )
 

@@ -19,7 +19,7 @@ In both, identical texts share one row (or segment) and cost nothing more.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -146,7 +146,13 @@ def packed_slots(lengths: Sequence[int], row_tokens: int) -> int:
     return len(rows) * max((sum(lengths[i] for i in row) for row in rows), default=0)
 
 
-def plan_packed(lengths: Sequence[int], keys: Sequence[str], limits: PackLimits) -> list[int]:
+def plan_packed(
+    lengths: Sequence[int],
+    keys: Sequence[str],
+    limits: PackLimits,
+    urgent: Sequence[bool] | None = None,
+    bulk_share: float = 0.0,
+) -> list[int]:
     """Indices (into the queue, oldest first) of the texts to pack into the next batch.
 
     Walks the distinct texts in order of arrival, from the oldest, and puts each in the first
@@ -154,33 +160,67 @@ def plan_packed(lengths: Sequence[int], keys: Sequence[str], limits: PackLimits)
     text that fits nowhere is left for a later batch and the walk goes on, so shorter texts
     behind it can still fill the gaps. The oldest text is always taken. Duplicates of a taken
     text ride along in its segment. Returns indices in queue order.
+
+    Priority lanes: `urgent[i]` marks text i as the interactive lane's. Then the oldest
+    interactive text and the oldest bulk text are both always taken (so neither lane
+    starves); the other interactive texts come next, in order of arrival, as long as the
+    interactive texts hold at most ``1 - bulk_share`` of the batch's slots (`max_rows` x
+    `row_tokens`) while bulk texts wait; bulk texts fill the room that is left. `lookahead`
+    counts each lane's distinct texts on its own, so a query is seen behind any backlog.
     """
     if not lengths:
         return []
-    groups: dict[str, list[int]] = {}
-    for index, key in enumerate(keys):
-        group = groups.get(key)
-        if group is None:
-            if len(groups) >= limits.lookahead:
-                continue
-            groups[key] = [index]
-        else:
-            group.append(index)
+    everything = range(len(lengths))
+    if urgent is None:
+        first, rest = [], _distinct(keys, everything, limits.lookahead)
+    else:
+        first = _distinct(keys, [i for i in everything if urgent[i]], limits.lookahead)
+        rest = _distinct(keys, [i for i in everything if not urgent[i]], limits.lookahead)
+    walk = [(group, True) for group in first] + [(group, False) for group in rest]
+    anchors = 1
+    cap = float("inf")
+    if first and rest:  # the two oldest, then the interactive lane, then bulk
+        walk.insert(1, walk.pop(len(first)))
+        anchors = 2
+        cap = (1 - bulk_share) * limits.max_rows * limits.row_tokens
     room: list[int] = []
     chosen: list[int] = []
-    for group in groups.values():
-        if chosen and len(chosen) + len(group) > limits.max_texts:
-            continue
+    urgent_tokens = 0
+    for position, (group, is_urgent) in enumerate(walk):
+        anchor = position < anchors
         length = lengths[group[0]]
+        if not anchor:
+            if len(chosen) + len(group) > limits.max_texts:
+                continue
+            if is_urgent and urgent_tokens + length > cap:
+                continue
         for r, free in enumerate(room):
             if length <= free:
                 room[r] -= length
                 break
         else:
-            if room and len(room) >= limits.max_rows:
+            if not anchor and len(room) >= limits.max_rows:
                 continue
             room.append(max(0, limits.row_tokens - length))
         chosen += group
-        if len(chosen) >= limits.max_texts:
+        if is_urgent:
+            urgent_tokens += length
+        if position >= anchors - 1 and len(chosen) >= limits.max_texts:
             break
     return sorted(chosen)
+
+
+def _distinct(keys: Sequence[str], indices: Iterable[int], lookahead: int) -> list[list[int]]:
+    """`indices` grouped by text, in order of first arrival: at most `lookahead` distinct
+    texts, each with every index (among `indices`) that carries it."""
+    groups: dict[str, list[int]] = {}
+    for index in indices:
+        key = keys[index]
+        group = groups.get(key)
+        if group is None:
+            if len(groups) >= lookahead:
+                continue
+            groups[key] = [index]
+        else:
+            group.append(index)
+    return list(groups.values())

@@ -23,10 +23,12 @@ import anyio.to_thread
 
 from embedserve.engine.backend import Backend
 from embedserve.engine.batcher import (
+    BULK,
     PROBE_TEXT,
     BatchPolicy,
     BatchRecord,
     EmbedResult,
+    Lane,
     MicroBatcher,
 )
 from embedserve.engine.model_entry import ModelEntry, ModelInfo
@@ -147,9 +149,14 @@ class ModelRegistry:
 
     # -- using models ----------------------------------------------------------------
     async def embed(
-        self, name: str, texts: Sequence[str], *, arrived_at: float | None = None
+        self,
+        name: str,
+        texts: Sequence[str],
+        *,
+        arrived_at: float | None = None,
+        lane: Lane = BULK,
     ) -> EmbedResult:
-        """Embed `texts` with model `name`, loading it first if needed.
+        """Embed `texts` with model `name` in `lane`, loading the model first if needed.
 
         `arrived_at` (``time.monotonic()`` when the request reached the server) lets a
         request that arrived before shutdown began still be served while draining.
@@ -159,7 +166,7 @@ class ModelRegistry:
         deadline = None if timeout_s is None else loop.time() + timeout_s
         async with self.lease(name, arrived_at=arrived_at, deadline=deadline) as entry:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            result = await entry.batcher.submit(texts, timeout_s=remaining)
+            result = await entry.batcher.submit(texts, timeout_s=remaining, lane=lane)
         if self.observer is not None:
             try:
                 self.observer.on_result(name, result)

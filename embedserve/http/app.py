@@ -93,6 +93,10 @@ def policy_from(settings: Settings) -> BatchPolicy:
         max_queue=settings.max_queue_size,
         enabled=settings.enable_batching,
         lookahead=settings.pack_lookahead,
+        max_queue_interactive=settings.max_queue_size_interactive,
+        bulk_share=settings.bulk_min_share,
+        interactive_budget=settings.interactive_token_budget,
+        interactive_window_s=settings.interactive_window_ms / 1000,
     )
 
 

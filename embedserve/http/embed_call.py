@@ -13,9 +13,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from embedserve.engine.batcher import EmbedResult
+from embedserve.engine.batcher import BULK, INTERACTIVE, LANES, EmbedResult, Lane
 from embedserve.engine.registry import ModelRegistry
-from embedserve.errors import UnsupportedMediaType
+from embedserve.errors import UnsupportedMediaType, ValidationFailed
+from embedserve.http.middleware.auth import BULK_ONLY
 from embedserve.http.request_stats import AppStats
 from embedserve.http.schemas import parse_json
 from embedserve.logs import ARRIVED_AT, MODEL_KEY, TEXTS_KEY
@@ -139,8 +140,43 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return result
 
 
-async def run_embed(request: Request, model: str, texts: list[str]) -> tuple[EmbedResult, float]:
-    """Embed through the model's batcher; the result and the handler's elapsed ms.
+def choose_lane(
+    request: Request, count: int, *, priority: str | None = None, bulk: bool = False
+) -> Lane:
+    """The lane of a request of `count` texts: the one it asks for (``X-Priority`` header or
+    the body's `priority`), else interactive for at most INTERACTIVE_MAX_TEXTS texts on a
+    route that is not bulk by nature (`bulk`: /embed/batch). A key in BULK_ONLY_API_KEYS
+    always gets bulk. Raises `ValidationFailed` (422) for another header value, or a header
+    and body that disagree.
+    """
+    settings, _, _ = state(request)
+    header = _header(request, b"x-priority")
+    if header is not None:
+        value = header.strip().lower()
+        if value not in LANES:
+            shown = value if len(value) <= 40 else value[:40] + "..."
+            raise ValidationFailed(
+                f"invalid header X-Priority: {shown!r}; use 'interactive' or 'bulk'"
+            )
+        if priority is not None and priority != value:
+            raise ValidationFailed(
+                f"the X-Priority header ({value}) and the body's 'priority' ({priority}) disagree"
+            )
+        priority = value
+    if priority is None:
+        interactive = not bulk and count <= settings.interactive_max_texts
+        lane = INTERACTIVE if interactive else BULK
+    else:
+        lane = INTERACTIVE if priority == INTERACTIVE else BULK
+    if lane == INTERACTIVE and request.scope.get(BULK_ONLY):
+        return BULK
+    return lane
+
+
+async def run_embed(
+    request: Request, model: str, texts: list[str], lane: Lane
+) -> tuple[EmbedResult, float]:
+    """Embed through the model's batcher, in `lane`; the result and the handler's elapsed ms.
 
     Raises `ClientGone` when the client disconnected first (its texts were dropped).
     """
@@ -150,7 +186,7 @@ async def run_embed(request: Request, model: str, texts: list[str]) -> tuple[Emb
     started = time.perf_counter()
     try:
         arrived_at = request.scope.get(ARRIVED_AT)
-        work = registry.embed(model, texts, arrived_at=arrived_at)
+        work = registry.embed(model, texts, arrived_at=arrived_at, lane=lane)
         result = await unless_disconnected(request, work)
     except ClientGone:
         stats.errors["client_disconnected"] += 1
@@ -160,8 +196,9 @@ async def run_embed(request: Request, model: str, texts: list[str]) -> tuple[Emb
 
 
 def timing_headers(result: EmbedResult) -> dict[str, str]:
-    """``X-Queue-Time`` and ``X-Inference-Time`` in milliseconds."""
+    """``X-Queue-Time`` and ``X-Inference-Time`` in milliseconds, and the lane it ran in."""
     return {
         "X-Queue-Time": f"{result.queue_ms:.3f}",
         "X-Inference-Time": f"{result.inference_ms:.3f}",
+        "X-Priority": result.lane,
     }

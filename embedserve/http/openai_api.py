@@ -41,6 +41,7 @@ from embedserve.errors import (
 from embedserve.http.embed_call import (
     ClientGone,
     Endpoint,
+    choose_lane,
     json_body,
     run_embed,
     state,
@@ -50,6 +51,7 @@ from embedserve.http.responses import JSONResponse
 from embedserve.http.schemas import (
     TEXTS_SCHEMA,
     ModelName,
+    Priority,
     check_texts,
     dimensions_refusal,
     string_or_list,
@@ -88,6 +90,9 @@ class EmbeddingsRequest(BaseModel):
         None, description="Must equal the model's dimension (no model here is Matryoshka)"
     )
     user: StrictStr | None = Field(None, description="Accepted and ignored")
+    priority: Priority | None = Field(
+        None, description="Lane: interactive or bulk (as the X-Priority header); default by size"
+    )
     truncate: StrictBool = Field(False, description="Cut texts over MAX_TEXT_LENGTH instead of 400")
 
 
@@ -109,7 +114,8 @@ async def create_embeddings(request: Request) -> Response:
         if native is not None:  # else (a catalogue model not loaded yet) checked below
             _check_dimensions(body.model, body.dimensions, native)
     try:
-        result, _ = await run_embed(request, body.model, texts)
+        lane = choose_lane(request, len(texts), priority=body.priority)
+        result, _ = await run_embed(request, body.model, texts, lane)
     except ClientGone:
         return Response(status_code=499)
     except _REFUSED_NAME as exc:  # as `_about_model`, without a context manager per request

@@ -86,8 +86,8 @@ class PrometheusMetrics:
         )
         self._queue = LoopHistogram(
             "embedserve_queue_time_seconds",
-            "Time a request's texts waited for a model batch, by model.",
-            ("model",),
+            "Time a request's texts waited for a model batch, by model and priority lane.",
+            ("model", "lane"),
             QUEUE_BUCKETS_S,
         )
         self._inference = LoopHistogram(
@@ -140,6 +140,7 @@ class PrometheusMetrics:
         self._by_answer: dict[tuple[str, int], tuple[CounterChild, HistogramChild]] = {}
         self._by_error: dict[tuple[int, str], CounterChild] = {}
         self._by_model: dict[str, tuple[HistogramChild, ...]] = {}
+        self._by_lane: dict[tuple[str, str], HistogramChild] = {}
 
     # -- hooks (event loop thread) ---------------------------------------------------
     def on_request(
@@ -164,7 +165,7 @@ class PrometheusMetrics:
 
     def on_batch(self, model: str, batch: BatchRecord) -> None:
         """One model batch ran (the model's `MicroBatcher` calls this through the registry)."""
-        _, _, size, tokens, duration, fill = self._model(model)
+        _, size, tokens, duration, fill = self._model(model)
         size.observe(batch.texts)
         tokens.observe(batch.slot_tokens)
         duration.observe(batch.seconds)
@@ -173,9 +174,11 @@ class PrometheusMetrics:
 
     def on_result(self, model: str, result: EmbedResult) -> None:
         """One request's texts were embedded (the model registry calls this)."""
-        queue, inference, *_ = self._model(model)
+        queue = self._by_lane.get((model, result.lane))
+        if queue is None:
+            queue = self._by_lane[(model, result.lane)] = self._queue.labels(model, result.lane)
         queue.observe(result.queue_ms / 1000)
-        inference.observe(result.inference_ms / 1000)
+        self._model(model)[0].observe(result.inference_ms / 1000)
 
     def _model(self, model: str) -> tuple[HistogramChild, ...]:
         children = self._by_model.get(model)
@@ -183,7 +186,6 @@ class PrometheusMetrics:
             children = tuple(
                 histogram.labels(model)
                 for histogram in (
-                    self._queue,
                     self._inference,
                     self._batch_size,
                     self._batch_tokens,
@@ -279,6 +281,16 @@ class _ModelsCollector:
             "Model batches whose inference raised, since the model loaded.",
             labels=["model"],
         )
+        lane_queued = GaugeMetricFamily(
+            "embedserve_lane_queue_depth",
+            "Texts waiting in the model's queue, by priority lane.",
+            labels=["model", "lane"],
+        )
+        lane_texts = CounterMetricFamily(
+            "embedserve_lane_texts",
+            "Texts embedded, by priority lane, since the model loaded.",
+            labels=["model", "lane"],
+        )
         for info in infos:
             labels = [info.name]
             queued.add_metric(labels, info.queued)
@@ -286,8 +298,11 @@ class _ModelsCollector:
             load_time.add_metric(labels, info.load_time_s or 0.0)
             dropped.add_metric(labels, info.stats.get("dropped_texts", 0))
             failed.add_metric(labels, info.stats.get("failed_batches", 0))
+            for lane, figures in info.lanes.items():
+                lane_queued.add_metric([info.name, lane], figures["queue_depth"])
+                lane_texts.add_metric([info.name, lane], figures["texts"])
         yield GaugeMetricFamily("embedserve_models_loaded", "Models loaded now.", len(infos))
-        yield from (queued, in_flight, load_time, dropped, failed)
+        yield from (queued, in_flight, load_time, dropped, failed, lane_queued, lane_texts)
         yield CounterMetricFamily(
             "embedserve_model_evictions",
             "Models unloaded to stay within MAX_CACHED_MODELS (least recently used first).",

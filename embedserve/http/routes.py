@@ -19,6 +19,7 @@ from embedserve.errors import (
 from embedserve.http.embed_call import (
     ClientGone,
     Endpoint,
+    choose_lane,
     json_body,
     run_embed,
     state,
@@ -87,7 +88,8 @@ async def embed(request: Request) -> Response:
         [body.text], max_length=settings.max_text_length, truncate=body.truncate, field="text"
     )
     try:
-        result, elapsed_ms = await run_embed(request, model, [text])
+        lane = choose_lane(request, 1, priority=body.priority)
+        result, elapsed_ms = await run_embed(request, model, [text], lane)
     except ClientGone:
         return Response(status_code=499)
     content: dict[str, Any] = {
@@ -121,7 +123,8 @@ async def embed_batch(request: Request) -> Response:
         body.texts, max_length=settings.max_text_length, truncate=body.truncate, field="texts"
     )
     try:
-        result, elapsed_ms = await run_embed(request, model, texts)
+        lane = choose_lane(request, len(texts), priority=body.priority, bulk=True)
+        result, elapsed_ms = await run_embed(request, model, texts, lane)
     except ClientGone:
         return Response(status_code=499)
     content = {
@@ -202,6 +205,14 @@ async def metrics(request: Request) -> Response:
             "dropped_texts": model_stats["dropped_texts"],
             "inference_time_s": model_stats["inference_s"],
             "queue_time_s": model_stats["queue_s"],
+            "lanes": {
+                lane: {
+                    "queue_depth": figures["queue_depth"],
+                    "texts": figures["texts"],
+                    "queue_time_s": figures["queue_s"],
+                }
+                for lane, figures in info.lanes.items()
+            },
         }
     content = {
         "total_requests": stats.total_requests,

@@ -50,6 +50,8 @@ TEXTS_SCHEMA: dict[str, Any] = {
 # rules enforced after parsing, so that the document describes what is really accepted.
 ModelName = Annotated[StrictStr, WithJsonSchema(MODEL_NAME_SCHEMA)]
 Text = Annotated[StrictStr, WithJsonSchema(TEXT_SCHEMA)]
+# A request's priority lane (README, "Priority lanes").
+Priority = Literal["interactive", "bulk"]
 
 
 class _Request(BaseModel):
@@ -57,6 +59,11 @@ class _Request(BaseModel):
 
     model_name: ModelName | None = Field(None, description="Model to use; default: first required")
     truncate: StrictBool = Field(False, description="Cut texts over MAX_TEXT_LENGTH instead of 422")
+    priority: Priority | None = Field(
+        None,
+        description="Lane: interactive or bulk (as the X-Priority header); default: "
+        "/embed interactive, /embed/batch bulk",
+    )
 
 
 class EmbedRequest(_Request):
@@ -174,6 +181,10 @@ class ModelInfoResponse(_Response):
     queued: int = Field(description="Texts waiting for a batch")
     in_flight: int = Field(description="Texts in a running batch")
     stats: dict[str, float] = Field(description="Batch figures since it was loaded")
+    lanes: dict[str, dict[str, float]] = Field(
+        description="Per priority lane (interactive, bulk): queue_depth, texts embedded and "
+        "queue_s (their total wait) since it was loaded"
+    )
 
 
 class ErrorDetail(_Response):

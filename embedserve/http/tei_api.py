@@ -32,6 +32,7 @@ from embedserve.errors import (
 from embedserve.http.embed_call import (
     ClientGone,
     Endpoint,
+    choose_lane,
     json_body,
     run_embed,
     state,
@@ -92,7 +93,8 @@ async def embed_inputs(request: Request, data: Any) -> Response:
         if native is not None:  # else (a catalogue model not loaded yet) checked below
             _check_dimensions(model, body.dimensions, native)
     try:
-        result, elapsed_ms = await run_embed(request, model, texts)
+        lane = choose_lane(request, len(texts))
+        result, elapsed_ms = await run_embed(request, model, texts, lane)
     except ClientGone:
         return Response(status_code=499)
     except InferenceFailed as exc:

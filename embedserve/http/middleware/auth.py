@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 API_KEY_ID = "embedserve.api_key_id"
+BULK_ONLY = "embedserve.bulk_only"  # set on the scope for a key in BULK_ONLY_API_KEYS
 EXEMPT_PATHS = frozenset({"/health", "/ready"})
 MIN_KEY_LENGTH = 16
 REALM = 'Bearer realm="embedserve"'
