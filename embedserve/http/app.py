@@ -23,6 +23,7 @@ from embedserve.engine.backend import Backend
 from embedserve.engine.batcher import BatchPolicy
 from embedserve.engine.registry import ModelRegistry
 from embedserve.errors import EmbedServeError, ValidationFailed
+from embedserve.http.middleware.access_log import AccessLog
 from embedserve.http.middleware.auth import ApiKeyAuth, load_api_keys
 from embedserve.http.middleware.body_limit import BodySizeLimit
 from embedserve.http.middleware.ratelimit import RateLimit, TokenBuckets
@@ -31,7 +32,6 @@ from embedserve.http.request_stats import AppStats
 from embedserve.http.responses import error_response
 from embedserve.http.routes import routes
 from embedserve.http.tei_api import TEI_HEADERS
-from embedserve.logs import AccessLog
 from embedserve.models.store import ModelSpec, ModelStore
 from embedserve.settings import Settings
 

@@ -16,9 +16,9 @@ from starlette.types import Receive, Scope, Send
 from embedserve.engine.batcher import EmbedResult
 from embedserve.engine.registry import ModelRegistry
 from embedserve.errors import UnsupportedMediaType
+from embedserve.http.middleware.access_log import ARRIVED_AT, MODEL_KEY, TEXTS_KEY
 from embedserve.http.request_stats import AppStats
 from embedserve.http.schemas import parse_json
-from embedserve.logs import ARRIVED_AT, MODEL_KEY, TEXTS_KEY
 from embedserve.settings import Settings
 
 T = TypeVar("T")

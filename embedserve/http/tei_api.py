@@ -37,6 +37,7 @@ from embedserve.http.embed_call import (
     state,
     timing_headers,
 )
+from embedserve.http.middleware.access_log import ARRIVED_AT, MODEL_KEY, TEXTS_KEY
 from embedserve.http.responses import JSONResponse
 from embedserve.http.schemas import check_texts, dimensions_refusal, string_or_list, validate
 from embedserve.http.tei_schemas import (
@@ -46,7 +47,6 @@ from embedserve.http.tei_schemas import (
     TEIEmbedRequest,
     TokenizeRequest,
 )
-from embedserve.logs import ARRIVED_AT, MODEL_KEY, TEXTS_KEY
 from embedserve.settings import Settings
 
 T = TypeVar("T")
