@@ -212,7 +212,9 @@ def test_hpa_scales_the_deployment_on_cpu() -> None:
 
 def test_hpa_queue_depth_example_names_a_real_metric() -> None:
     assert "embedserve_queue_depth" in (K8S_DIR / "hpa.yaml").read_text()
-    assert '"embedserve_queue_depth"' in (ROOT / "embedserve" / "http" / "prometheus.py").read_text()
+    assert (
+        '"embedserve_queue_depth"' in (ROOT / "embedserve" / "http" / "prometheus.py").read_text()
+    )
 
 
 def test_pdb_selects_the_deployment_pods_only() -> None:
