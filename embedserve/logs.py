@@ -1,41 +1,21 @@
-"""Logging: text or JSON lines on stderr, and `AccessLog`, one line per HTTP request (ASGI).
-
-Nothing here logs request headers, query strings or bodies, so an ``Authorization`` header,
-an API key in a URL or a text sent for embedding never reaches a log.
+"""Logging set-up: every record as text or JSON lines on stderr, optionally written in batches
+by a thread of its own. The access line per request is `http/middleware/access_log.py`'s.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import collections
 import logging
-import re
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
 import orjson
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from embedserve.http.middleware.client_addr import client_address, parse_networks
-from embedserve.http.middleware.request_id import HEADER, SCOPE_KEY, request_id
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-ACCESS_LOGGER = logging.getLogger("embedserve.access")
-
-# Handlers that know which model a request used put it in the scope under these keys.
-MODEL_KEY = "embedserve.model"
-TEXTS_KEY = "embedserve.texts"
-# When the request reached the app (time.monotonic()), so draining can tell old from new.
-ARRIVED_AT = "embedserve.arrived_at"
-
-# ``(endpoint, status, seconds, error_type)``, called once per answered request.
-RequestHook = Callable[[str, int, float, str | None], None]
 
 # A LogRecord's own attributes; any other attribute came from ``extra=`` and is a field
 # (except uvicorn's ``color_message``, the message again with terminal colour codes).
@@ -47,12 +27,6 @@ _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 }
 # Access-log fields the text format already shows in the message.
 _IN_MESSAGE = frozenset({"method", "path", "status", "duration_ms"})
-_ERROR_TYPE = re.compile(r"[a-z_]{1,64}")
-_MAX_ERROR_BODY = 16 * 1024  # error bodies are small; a larger one is not parsed
-_MAX_LOGGED_CHARS = 200
-# What `logging` records as the caller when it does not look for one.
-_NO_FILE = "(unknown file)"
-_NO_FUNCTION = "(unknown function)"
 
 
 def configure_logging(
@@ -189,144 +163,3 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return orjson.dumps(entry, default=str).decode()
-
-
-class AccessLog:
-    """The outermost ASGI layer: arrival stamps, request ids, the access log line and
-    request metrics.
-
-    Each HTTP request is stamped with its arrival time (``time.monotonic()``, in the scope
-    under `ARRIVED_AT`), so that draining can tell old requests from new, and gets an id
-    (`requestid.request_id`), stored in the scope under `requestid.SCOPE_KEY` and sent back
-    as ``X-Request-ID`` on every answer, errors and middleware refusals included. Once the
-    answer is sent (or the request failed), it calls `on_request` and writes one INFO line
-    to ``embedserve.access``: method, path, status, duration_ms, model and texts (when the
-    handler set them), error_type, request_id and client (X-Forwarded-For only from
-    `trusted_proxies`). The error type is read from the error body, which every error has.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        log: bool = True,
-        on_request: RequestHook | None = None,
-        static_paths: frozenset[str] = frozenset(),
-        trusted_proxies: Iterable[str] = (),
-    ) -> None:
-        self.app = app
-        self._log = log
-        self._on_request = on_request
-        # Requests answered before routing (rate limits) are counted under their path only
-        # when it is one of these, so the endpoint label stays bounded.
-        self._static_paths = static_paths
-        self._trusted = parse_networks(trusted_proxies)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        scope[ARRIVED_AT] = time.monotonic()
-        rid = request_id(scope["headers"])
-        scope[SCOPE_KEY] = rid
-        id_header = (HEADER, rid.encode("ascii"))
-        status = 0  # until the answer starts
-        error_body: bytes | None = None
-        started = time.perf_counter()
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status, error_body
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), id_header]
-                if status >= 400:
-                    error_body = b""
-            elif (
-                error_body is not None
-                and message["type"] == "http.response.body"
-                and len(error_body) <= _MAX_ERROR_BODY
-            ):
-                error_body += message.get("body", b"")
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        except asyncio.CancelledError:
-            status = status or 499  # cancelled before answering: the client went away
-            raise
-        finally:
-            status = status or 500
-            seconds = time.perf_counter() - started
-            error_type = _error_type(status, error_body) if status >= 400 else None
-            if self._on_request is not None:
-                self._on_request(self._endpoint(scope), status, seconds, error_type)
-            if self._log and ACCESS_LOGGER.isEnabledFor(logging.INFO):
-                client = client_address(scope, self._trusted)
-                _write(scope, rid, status, seconds, error_type, client)
-
-    def _endpoint(self, scope: Scope) -> str:
-        route = scope.get("route")
-        if route is not None:
-            return str(getattr(route, "path", "other"))
-        path: str = scope["path"]
-        return path if path in self._static_paths else "other"
-
-
-def _write(
-    scope: Scope, rid: str, status: int, seconds: float, error_type: str | None, client: str
-) -> None:
-    method: str = scope["method"]
-    path = _printable(scope["path"])
-    duration_ms = round(seconds * 1000, 3)
-    fields: dict[str, Any] = {
-        "method": method,
-        "path": path,
-        "status": status,
-        "duration_ms": duration_ms,
-    }
-    model = scope.get(MODEL_KEY)
-    if model is not None:
-        fields["model"] = _printable(str(model))
-        fields["texts"] = scope.get(TEXTS_KEY)
-    if error_type is not None:
-        fields["error_type"] = error_type
-    fields["request_id"] = rid
-    fields["client"] = client
-    # `Logger.info` would also walk the stack for the caller's file and line, which no
-    # formatter here shows; the record is otherwise the one `info` makes.
-    record = ACCESS_LOGGER.makeRecord(
-        ACCESS_LOGGER.name,
-        logging.INFO,
-        _NO_FILE,
-        0,
-        "%s %s %d %.3fms",
-        (method, path, status, duration_ms),
-        None,
-        _NO_FUNCTION,
-        fields,
-    )
-    ACCESS_LOGGER.handle(record)
-
-
-def _printable(value: str) -> str:
-    """`value` cut to a bounded length, with control characters escaped (no forged lines)."""
-    if len(value) > _MAX_LOGGED_CHARS:
-        value = value[:_MAX_LOGGED_CHARS] + "..."
-    return value if value.isprintable() else value.encode("unicode_escape").decode("ascii")
-
-
-def _error_type(status: int, body: bytes | None) -> str:
-    """The ``error_type`` of an error body (ours, or OpenAI's ``error.code`` on /v1)."""
-    if body and len(body) <= _MAX_ERROR_BODY:
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, dict):
-            kind = parsed.get("error_type")
-            nested = parsed.get("error")
-            if kind is None and isinstance(nested, dict):
-                kind = nested.get("code")
-            if isinstance(kind, str) and _ERROR_TYPE.fullmatch(kind):
-                return kind
-    return "client_disconnected" if status == 499 else "unknown"

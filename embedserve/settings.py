@@ -1,5 +1,8 @@
 """The only reader of the environment: every setting, its env name, default and unit.
 
+One module because the settings are one table: each field's name, default, bounds and
+description sit together, and the cross-field checks read all of them.
+
 Each setting is read from its documented name (``MAX_BATCH_SIZE``) or the same name with an
 ``EMBEDSERVE_`` prefix (which wins when both are set). Lists accept ``a,b`` as well as JSON.
 `Settings.from_env()` is called once by the entry point; tests build `Settings.build(...)`

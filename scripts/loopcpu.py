@@ -96,7 +96,7 @@ def serve_traced(tree: Path, argv: Sequence[str]) -> int:
         from embedserve.cli import main as cli_main
 
         return int(cli_main(list(argv)) or 0)
-    from embedserve.http.app import build_registry
+    from embedserve.engine.wiring import build_registry
     from embedserve.server import serve
     from embedserve.settings import Settings
 

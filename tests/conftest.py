@@ -14,7 +14,8 @@ import pytest
 from starlette.applications import Starlette
 
 from embedserve.engine.registry import ModelRegistry
-from embedserve.http.app import create_app, policy_from
+from embedserve.engine.wiring import policy_from
+from embedserve.http.app import create_app
 from embedserve.models.store import ModelStore
 from embedserve.settings import Settings
 from tests.fakes import FakeLoader, GatedRunner

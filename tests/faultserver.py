@@ -21,7 +21,7 @@ from pathlib import Path
 
 from embedserve.engine.backend import Backend, TokenIds, Vectors
 from embedserve.engine.tokens import Token
-from embedserve.http.app import build_registry
+from embedserve.engine.wiring import build_registry
 from embedserve.server import serve
 from embedserve.settings import Settings, SettingsError
 

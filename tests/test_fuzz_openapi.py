@@ -36,7 +36,8 @@ from schemathesis.python import asgi
 from starlette.applications import Starlette
 
 from embedserve.engine.registry import ModelRegistry
-from embedserve.http.app import create_app, policy_from
+from embedserve.engine.wiring import policy_from
+from embedserve.http.app import create_app
 from embedserve.models.store import ModelStore
 from embedserve.settings import Settings
 from tests.conftest import CATALOGUE

@@ -20,6 +20,7 @@ import pytest
 from embedserve.engine.batcher import BatchPolicy
 from embedserve.engine.registry import ModelRegistry
 from embedserve.errors import (
+    InferenceFailed,
     InvalidModelName,
     ModelNotAllowed,
     ModelNotFound,
@@ -345,3 +346,29 @@ async def test_a_model_left_over_capacity_by_a_departed_client_goes_at_the_next_
         await registry.wait_released()
         assert registry.loaded_names() == ["org/b"]
         assert registry.evictions == 1
+
+
+# -- token-level work (TEI's /embed_all, /tokenize, /decode) ------------------------------
+async def test_token_level_methods_run_on_the_named_model(tmp_path, loader, clock):
+    async with registry_for(tmp_path, loader, clock) as registry:
+        details = await registry.token_details("org/a", ["hi there"], add_special_tokens=False)
+        decoded = await registry.decode("org/a", [[0, 12, 1]], skip_special_tokens=True)
+        vectors = await registry.token_vectors("org/a", ["hi there"])
+    assert [[t.text for t in tokens] for tokens in details] == [["hi", "there"]]
+    assert decoded == ["t12"]
+    assert [v.shape for v in vectors] == [(4, loader.backends["org/a"].dimension)]
+    assert loader.calls == ["org/a"]  # one load served all three
+
+
+async def test_token_level_model_error_is_inference_failed(tmp_path, loader, clock):
+    async with registry_for(tmp_path, loader, clock) as registry:
+        await registry.decode("org/a", [[1]], skip_special_tokens=True)
+        loader.backends["org/a"].refuse.add("boom")
+        with pytest.raises(InferenceFailed, match="org/a"):
+            await registry.token_vectors("org/a", ["boom"])
+        # The lease ended with the failure: the model can still be evicted.
+        clock.advance(1)
+        await registry.decode("org/b", [[1]], skip_special_tokens=True)
+        clock.advance(1)
+        await registry.decode("org/c", [[1]], skip_special_tokens=True)
+        assert registry.loaded_names() == ["org/b", "org/c"]

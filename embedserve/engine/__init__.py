@@ -1,1 +1,1 @@
-"""The batching engine: batcher, planner, model registry, backends. Never imports Starlette."""
+"""The batching engine: batcher, planner, model registry, backends; never Starlette or http/."""

@@ -2,10 +2,11 @@
 
 Each loaded model gets a `MicroBatcher`; requests go through `ModelRegistry.embed`, which
 holds a lease on the model for the whole request so it is never evicted with work queued
-or in flight. One module because loading, leases, eviction and offload all change the same
-table of entries under the same rules (over the ~400-line guide; the entry records are
-already in `entries.py`). `run_on_model` serves work that is not batched (TEI's token-level
-routes) with the same leases.
+or in flight. `token_vectors`, `token_details` and `decode` serve work that is not batched
+(TEI's token-level routes) with the same leases; the HTTP layer never holds a backend.
+
+One module because loading, leases, eviction and offload all change the same table of
+entries under the same rules (the entry records are already in `model_entry.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import anyio.to_thread
 
-from embedserve.engine.backend import Backend
+from embedserve.engine.backend import Backend, Vectors
 from embedserve.engine.batcher import (
     BULK,
     PROBE_TEXT,
@@ -32,6 +33,7 @@ from embedserve.engine.batcher import (
     MicroBatcher,
 )
 from embedserve.engine.model_entry import ModelEntry, ModelInfo
+from embedserve.engine.tokens import Token
 from embedserve.errors import (
     EmbedServeError,
     InferenceFailed,
@@ -122,7 +124,7 @@ class ModelRegistry:
         self._expired = False  # past the point where queued work is answered 503
         self.evictions = 0
         self.offloads = 0
-        # `run_on_model` calls in flight (all models): past `max_unbatched`, 429 at once.
+        # `_run_on_model` calls in flight (all models): past `max_unbatched`, 429 at once.
         self.max_unbatched = max_unbatched
         self._unbatched = 0
 
@@ -174,11 +176,49 @@ class ModelRegistry:
                 logger.exception("on_result hook failed for model %s", name)
         return result
 
-    async def run_on_model(
+    async def token_vectors(
+        self, name: str, texts: Sequence[str], *, arrived_at: float | None = None
+    ) -> list[Vectors]:
+        """Per text, model `name`'s vector for each token, before pooling (not batched)."""
+        return await self._run_on_model(
+            name, lambda backend: backend.token_vectors(texts), arrived_at=arrived_at
+        )
+
+    async def token_details(
+        self,
+        name: str,
+        texts: Sequence[str],
+        *,
+        add_special_tokens: bool,
+        arrived_at: float | None = None,
+    ) -> list[list[Token]]:
+        """Per text, model `name`'s tokens with their character offsets (not batched)."""
+        return await self._run_on_model(
+            name,
+            lambda backend: backend.token_details(texts, add_special_tokens=add_special_tokens),
+            arrived_at=arrived_at,
+        )
+
+    async def decode(
+        self,
+        name: str,
+        ids: Sequence[Sequence[int]],
+        *,
+        skip_special_tokens: bool,
+        arrived_at: float | None = None,
+    ) -> list[str]:
+        """Each id sequence back to text with model `name`'s tokenizer (not batched)."""
+        return await self._run_on_model(
+            name,
+            lambda backend: backend.decode(ids, skip_special_tokens=skip_special_tokens),
+            arrived_at=arrived_at,
+        )
+
+    async def _run_on_model(
         self, name: str, work: Callable[[Backend], T], *, arrived_at: float | None = None
     ) -> T:
         """`work(backend)` of model `name` (loaded first if needed) in a worker thread, the
-        model leased meanwhile: for work that is not batched (TEI's /tokenize, /embed_all).
+        model leased meanwhile: for work that is not batched (the three methods above).
         Overloaded when `max_unbatched` such calls are in flight already (they queue for
         worker threads, not in a batcher, so this is their bound). An error of the model's
         own (not an `EmbedServeError`) becomes InferenceFailed.

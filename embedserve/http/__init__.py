@@ -1,1 +1,1 @@
-"""The HTTP layer: the Starlette app, the three APIs' routes and schemas, OpenAPI, metrics."""
+"""The HTTP layer: the app, the APIs' routes and schemas, OpenAPI, metrics; calls the registry."""

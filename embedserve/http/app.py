@@ -8,8 +8,6 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
-import anyio.to_thread
-from anyio import CapacityLimiter
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -18,11 +16,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp
 
-from embedserve.engine import backend
-from embedserve.engine.backend import Backend
-from embedserve.engine.batcher import BatchPolicy
 from embedserve.engine.registry import ModelRegistry
+from embedserve.engine.wiring import build_registry
 from embedserve.errors import EmbedServeError, ValidationFailed
+from embedserve.http.middleware.access_log import AccessLog
 from embedserve.http.middleware.auth import ApiKeyAuth, load_api_keys
 from embedserve.http.middleware.body_limit import BodySizeLimit
 from embedserve.http.middleware.ratelimit import RateLimit, TokenBuckets
@@ -31,73 +28,9 @@ from embedserve.http.request_stats import AppStats
 from embedserve.http.responses import error_response
 from embedserve.http.routes import routes
 from embedserve.http.tei_api import TEI_HEADERS
-from embedserve.logs import AccessLog
-from embedserve.models.store import ModelSpec, ModelStore
 from embedserve.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-def build_registry(
-    settings: Settings, *, wrap_backend: Callable[[Backend], Backend] | None = None
-) -> ModelRegistry:
-    """The registry with the real FastEmbed loader, configured from `settings`.
-
-    `wrap_backend` decorates every loaded model (tests/faultserver.py injects faults so).
-    """
-    store = ModelStore(settings.models_dir)
-    limiter = CapacityLimiter(settings.thread_pool_workers)
-
-    async def run_sync(func: Any) -> Any:
-        return await anyio.to_thread.run_sync(func, limiter=limiter)
-
-    real_loader = partial(
-        backend.load_spec,
-        cache_dir=store.cache_dir(),
-        threads=settings.ort_threads,
-        offline=settings.offline,
-        packing=settings.enable_packing,
-        row_tokens=settings.pack_row_tokens or None,
-        ort_spinning=settings.ort_spinning,
-    )
-
-    def loader(spec: ModelSpec) -> Backend:
-        loaded = real_loader(spec)
-        return loaded if wrap_backend is None else wrap_backend(loaded)
-
-    return ModelRegistry(
-        store=store,
-        loader=loader,
-        policy=policy_from(settings),
-        catalogue=backend.catalogue_names(),
-        allowed=settings.allowed_models,
-        required=settings.required_models,
-        max_models=settings.max_cached_models,
-        ttl_s=settings.model_cache_ttl,
-        cleanup_interval_s=settings.cleanup_interval,
-        pin_required=settings.pin_required_models,
-        load_retry_s=settings.load_retry_s,
-        request_timeout_s=settings.request_timeout,
-        max_unbatched=settings.thread_pool_workers,
-        run_sync=run_sync,
-    )
-
-
-def policy_from(settings: Settings) -> BatchPolicy:
-    """The batching policy the settings describe."""
-    return BatchPolicy(
-        max_texts=settings.batch_max_texts,
-        token_budget=settings.batch_token_budget,
-        min_fill=settings.batch_min_fill,
-        max_wait_s=settings.batch_max_wait_ms / 1000,
-        max_queue=settings.max_queue_size,
-        enabled=settings.enable_batching,
-        lookahead=settings.pack_lookahead,
-        max_queue_interactive=settings.max_queue_size_interactive,
-        bulk_share=settings.bulk_min_share,
-        interactive_budget=settings.interactive_token_budget,
-        interactive_window_s=settings.interactive_window_ms / 1000,
-    )
 
 
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Starlette:

@@ -16,10 +16,10 @@ from starlette.types import Receive, Scope, Send
 from embedserve.engine.batcher import BULK, INTERACTIVE, LANES, EmbedResult, Lane
 from embedserve.engine.registry import ModelRegistry
 from embedserve.errors import UnsupportedMediaType, ValidationFailed
+from embedserve.http.middleware.access_log import ARRIVED_AT, MODEL_KEY, TEXTS_KEY
 from embedserve.http.middleware.auth import BULK_ONLY
 from embedserve.http.request_stats import AppStats
 from embedserve.http.schemas import parse_json
-from embedserve.logs import ARRIVED_AT, MODEL_KEY, TEXTS_KEY
 from embedserve.settings import Settings
 
 T = TypeVar("T")

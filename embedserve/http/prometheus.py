@@ -146,7 +146,7 @@ class PrometheusMetrics:
     def on_request(
         self, endpoint: str, status: int, seconds: float, error_type: str | None
     ) -> None:
-        """One answered request (`logs.AccessLog` calls this)."""
+        """One answered request (`access_log.AccessLog` calls this)."""
         children = self._by_answer.get((endpoint, status))
         if children is None:
             children = (

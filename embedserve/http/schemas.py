@@ -1,4 +1,8 @@
-"""Request and response bodies of the HTTP API, and the checks that depend on settings."""
+"""Request and response bodies of the HTTP API, and the checks that depend on settings.
+
+One module because /openapi.json is generated from these models: the bodies and the shared
+field types (model names, texts, the error shape) are read together.
+"""
 
 from __future__ import annotations
 

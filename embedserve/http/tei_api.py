@@ -1,18 +1,20 @@
 """text-embeddings-inference (TEI) routes: ``POST /`` and ``POST /embed`` with ``inputs``
 (embed), ``POST /embed_all``, ``GET /info``, ``POST /tokenize``, ``POST /decode``.
 
-Embeddings go through the same path as the other APIs (`handling.run_embed`: the model's
-micro-batcher, limits, disconnect handling). Token vectors and tokenizer work run through
-`ModelRegistry.run_on_model` in the same worker threads, one request per model call (not
-micro-batched). TEI has no model field: these routes serve the default model. Errors keep
-the shape ``{"error", "error_type"}`` with TEI's status codes: 413 for more inputs than
-MAX_BATCH_SIZE, 422 for invalid fields, 424 when the model fails, 429 when overloaded.
+Embeddings go through the same path as the other APIs (`embed_call.run_embed`: the model's
+micro-batcher, limits, disconnect handling). Token vectors and tokenizer work run through the
+registry's `token_vectors`, `token_details` and `decode` in the same worker threads, one
+request per model call (not micro-batched). TEI has no model field: these routes serve the
+default model. Errors keep the shape ``{"error", "error_type"}`` with TEI's status codes: 413
+for more inputs than MAX_BATCH_SIZE, 422 for invalid fields, 424 when the model fails, 429
+when overloaded.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -21,7 +23,6 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from embedserve import __version__
-from embedserve.engine.backend import Backend, Vectors
 from embedserve.errors import (
     InferenceFailed,
     ModelFailed,
@@ -38,6 +39,7 @@ from embedserve.http.embed_call import (
     state,
     timing_headers,
 )
+from embedserve.http.middleware.access_log import ARRIVED_AT, MODEL_KEY, TEXTS_KEY
 from embedserve.http.responses import JSONResponse
 from embedserve.http.schemas import check_texts, dimensions_refusal, string_or_list, validate
 from embedserve.http.tei_schemas import (
@@ -47,7 +49,6 @@ from embedserve.http.tei_schemas import (
     TEIEmbedRequest,
     TokenizeRequest,
 )
-from embedserve.logs import ARRIVED_AT, MODEL_KEY, TEXTS_KEY
 from embedserve.settings import Settings
 
 T = TypeVar("T")
@@ -139,17 +140,16 @@ def tei_headers(elapsed_ms: float, texts: list[str], token_counts: list[int]) ->
 
 async def embed_all(request: Request) -> Response:
     """``POST /embed_all``: per input, the model's vector for each token (no pooling)."""
-    settings, _, stats = state(request)
+    settings, registry, stats = state(request)
     stats.total_requests += 1
     started = time.perf_counter()
     body = validate(EmbedAllRequest, await json_body(request))
     model = default_model(settings)
     texts = _inputs(body.inputs, bool(body.truncate), settings)
 
-    def work(backend: Backend) -> list[Vectors]:
-        return backend.token_vectors(texts)
-
-    rows = await _on_model(request, model, len(texts), work)
+    rows = await _on_model(
+        request, model, len(texts), partial(registry.token_vectors, model, texts)
+    )
     elapsed_ms = (time.perf_counter() - started) * 1000
     headers = tei_headers(elapsed_ms, texts, [len(row) for row in rows])
     return JSONResponse(rows, headers=headers)
@@ -182,44 +182,40 @@ async def info(request: Request) -> Response:
 
 async def tokenize(request: Request) -> Response:
     """``POST /tokenize``: each input's tokens with their character offsets."""
-    settings, _, stats = state(request)
+    settings, registry, stats = state(request)
     stats.total_requests += 1
     body = validate(TokenizeRequest, await json_body(request))
     model = default_model(settings)
     texts = _strings(body.inputs, settings.max_batch_size)
     special = body.add_special_tokens
 
-    def work(backend: Backend) -> list[list[dict[str, Any]]]:
-        details = backend.token_details(texts, add_special_tokens=special)
-        return [[vars(token) for token in tokens] for tokens in details]
-
-    return JSONResponse(await _on_model(request, model, len(texts), work))
+    details = partial(registry.token_details, model, texts, add_special_tokens=special)
+    # orjson writes each `Token` dataclass as an object of its fields.
+    return JSONResponse(await _on_model(request, model, len(texts), details))
 
 
 async def decode(request: Request) -> Response:
     """``POST /decode``: token ids back to text, one string per id array."""
-    settings, _, stats = state(request)
+    settings, registry, stats = state(request)
     stats.total_requests += 1
     body = validate(DecodeRequest, await json_body(request))
     model = default_model(settings)
     rows = _id_rows(body.ids, settings.max_batch_size)
     skip = body.skip_special_tokens
 
-    def work(backend: Backend) -> list[str]:
-        return backend.decode(rows, skip_special_tokens=skip)
-
-    return JSONResponse(await _on_model(request, model, len(rows), work))
+    decoded = partial(registry.decode, model, rows, skip_special_tokens=skip)
+    return JSONResponse(await _on_model(request, model, len(rows), decoded))
 
 
-async def _on_model(request: Request, model: str, count: int, work: Callable[[Backend], T]) -> T:
-    """`work` on `model`'s backend in a worker thread (the model failing: 424); the model
-    and the input count go to the access log line, as `run_embed` notes them."""
-    _, registry, _ = state(request)
+async def _on_model(
+    request: Request, model: str, count: int, call: Callable[..., Awaitable[T]]
+) -> T:
+    """`call(arrived_at=...)`, a registry method for `model` (the model failing: 424); the
+    model and the input count go to the access log line, as `run_embed` notes them."""
     request.scope[MODEL_KEY] = model
     request.scope[TEXTS_KEY] = count
-    arrived_at = request.scope.get(ARRIVED_AT)
     try:
-        return await registry.run_on_model(model, work, arrived_at=arrived_at)
+        return await call(arrived_at=request.scope.get(ARRIVED_AT))
     except InferenceFailed as exc:
         raise ModelFailed(exc.message) from exc
 

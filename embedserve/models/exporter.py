@@ -15,6 +15,10 @@ model takes it, ``token_type_ids``, all int64 with dynamic batch and sequence ax
 pooling, normalize, max_tokens, parity texts, and ``packed`` with ``packed_reason`` when false).
 Exit status 0 on success, 2 on an unsupported or broken checkpoint; a model that cannot be
 packed is no error, it is served padded.
+
+One module because the build venv runs it by path, without embedserve installed: the export is
+one pipeline (read the checkpoint, export, verify, reference embeddings), and the packed graph,
+the one separable step, is already `packed_export.py`.
 """
 
 from __future__ import annotations

@@ -5,6 +5,15 @@ venv that this module creates on demand; nothing here imports torch. The result 
 this process through FastEmbed and, when the exporter wrote a packed graph, through the packed
 backend, each exactly as the server will load it, and only a model that passes both parity
 checks is renamed into the models directory. On any failure nothing is left behind.
+
+The one import of the engine from model storage, on purpose: a parity check proves the model
+as served only if it loads through the serving loaders (`backend.load_local`,
+`packed.load_packed`), so the two default checks import them, inside the functions. Importing
+this module loads no engine code; the engine imports only `store.py` from here, so there is
+no import cycle; `import_model` takes the checks as arguments (tests pass fakes).
+
+One module because it is the `models import` command end to end (build venv, checkpoint,
+export, parity, install), every step failing through the same `ImportFailed` and cleanup.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""ASGI middleware: API keys, rate limits, body limits, request ids, client addresses."""
+"""ASGI middleware: access log, API keys, rate limits, body limits, request ids, client address."""
