@@ -112,3 +112,28 @@ def test_readme_is_short_and_indexes_every_docs_page() -> None:
     assert len(text.splitlines()) <= 300
     for page in PAGES[1:]:
         assert f"](docs/{page.name})" in text, page.name
+
+
+def package_map() -> set[str]:
+    """The module paths README's package map names (its indented tree of folders and files)."""
+    text = README.read_text()
+    tree = text[text.index("```text\nembedserve/\n") :].split("\n```\n", 1)[0].splitlines()[1:]
+    named, folders = set(), ["embedserve/"]
+    for line in tree:
+        name = line.split()[0]
+        depth = (len(line) - len(line.lstrip())) // 2
+        folders = folders[:depth]
+        if name.endswith("/"):
+            folders.append(name)
+        else:
+            named.add("".join(folders) + name)
+    return named
+
+
+def test_package_map_names_every_module_and_nothing_else() -> None:
+    modules = {
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "embedserve").rglob("*.py")
+        if path.name != "__init__.py"
+    }
+    assert package_map() == modules
