@@ -1,4 +1,4 @@
-# embedserve container image (README, "Deployment"). Two stages:
+# embedserve container image (docs/deployment.md, "Container image"). Two stages:
 #   build   - torch + transformers export each model to ONNX and check its parity
 #             (`embedserve models import` refuses a model that fails); builds embedserve's wheel.
 #   runtime - the wheel and the exported /models only: ONNX Runtime, no torch, no compiler.

@@ -66,11 +66,12 @@ test: $(VENV)/.installed $(MODEL_STAMP) | $(CHROMIUM) $(NGINX)
 	$(BIN)/python scripts/reliability_report.py --command 'make test' --print --allow-empty; \
 	exit $$status
 
-# Dependency audit (README, "Dependency audit"): the venv must match requirements.lock, then
-# pip-audit over the lock with config/pip-audit-ignore.txt. Where pip-audit cannot reach its
-# service (exit 3; this machine's PyPI mirror has no per-version JSON and OSV does not
-# resolve), PyPI's advisories for each project's latest release check the pins that are it,
-# and the rest are listed as not audited. Any vulnerability found fails the target.
+# Dependency audit (docs/development.md, "Dependency audit"): the venv must match
+# requirements.lock, then pip-audit over the lock with config/pip-audit-ignore.txt. Where
+# pip-audit cannot reach its service (exit 3; this machine's PyPI mirror has no per-version
+# JSON and OSV does not resolve), PyPI's advisories for each project's latest release check
+# the pins that are it, and the rest are listed as not audited. Any vulnerability found
+# fails the target.
 AUDIT_SUMMARY := build/reliability/audit.json
 .PHONY: audit
 audit: $(VENV)/.installed
@@ -89,10 +90,11 @@ test-reliability: $(VENV)/.installed $(MODEL_STAMP) audit | $(CHROMIUM) $(NGINX)
 	$(BIN)/python scripts/reliability_report.py --command 'make test-reliability' \
 		--out docs/RELIABILITY.md
 
-# The container image built and run for real (README, "Container image"): a Docker engine
-# (started if needed), base images (pulled, or Debian stand-ins), docker build, the README's
-# `docker run --read-only` with its checks, and compose with nginx and 2 replicas. Steps:
-# scripts/image/. Exits 1 where no engine can run, unless SKIP_IMAGE_TEST=1.
+# The container image built and run for real (docs/development.md, "Testing the container
+# image"): a Docker engine (started if needed), base images (pulled, or Debian stand-ins),
+# docker build, the README's `docker run --read-only` with its checks, and compose with
+# nginx and 2 replicas. Steps: scripts/image/. Exits 1 where no engine can run, unless
+# SKIP_IMAGE_TEST=1.
 .PHONY: test-image
 test-image: $(VENV)/.installed $(MODEL_STAMP)
 	MODELS_DIR=$(MODELS_DIR) PYTHON=$(BIN)/python scripts/image/test_image.sh
@@ -120,10 +122,11 @@ $(VENV)/.bench-installed: pyproject.toml | $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev,bench]'
 	@touch $@
 
-# Locust load test (README, "Load testing with Locust"): starts a local server on a free
-# loopback port unless LOADTEST_HOST is set, runs Locust headless for LOADTEST_TIME, writes
-# CSV + HTML reports to loadtests/reports/<timestamp>/ and stops what it started.
-# LOADTEST_PROFILE is single, batch or mixed; LOADTEST_ARGS go to Locust (e.g. --batch-max 32).
+# Locust load test (docs/development.md, "Load testing with Locust"): starts a local server
+# on a free loopback port unless LOADTEST_HOST is set, runs Locust headless for
+# LOADTEST_TIME, writes CSV + HTML reports to loadtests/reports/<timestamp>/ and stops what
+# it started. LOADTEST_PROFILE is single, batch or mixed; LOADTEST_ARGS go to Locust (e.g.
+# --batch-max 32).
 LOADTEST_HOST ?=
 LOADTEST_USERS ?= 64
 LOADTEST_SPAWN_RATE ?= 16

@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedserve",
         description="A dynamic micro-batching embedding server. Every setting is also an "
-        "environment variable (see README); command-line options win.",
+        "environment variable (see docs/configuration.md); command-line options win.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

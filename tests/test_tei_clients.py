@@ -5,7 +5,7 @@ LlamaIndex's `TextEmbeddingsInference` and Haystack's Hugging Face API embedders
 the server's base URL and nothing else. Every vector they return is compared with
 ``POST /v1/embeddings`` of the same texts on the same server, one text and a batch; each
 client also meets one error. Which requests each client really sent is read from the
-server's access log (JSON lines), so the README's client table names the paths they call.
+server's access log (JSON lines), so the client table of docs/api.md names the paths they call.
 """
 
 from __future__ import annotations

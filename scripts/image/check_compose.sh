@@ -51,7 +51,7 @@ start_ns=$(date +%s%N)
 mapfile -t replicas < <(containers embedserve)
 [ "${#replicas[@]}" -eq 2 ] || fail "${#replicas[@]} replicas running, not 2"
 # nginx resolves `embedserve` when it starts; both replicas were up by then, but a reload
-# is what README advises after a scale change, so do it as a user would.
+# is what docs/deployment.md advises after a scale change, so do it as a user would.
 "${compose[@]}" exec -T nginx nginx -s reload >/dev/null 2>&1 || fail "nginx -s reload"
 for _ in $(seq 50); do
     python3 -c "import urllib.request as r; r.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" \

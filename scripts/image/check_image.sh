@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the built image ($IMAGE, default embedserve) the way README ("Container image")
-# documents it, and checks it:
+# Runs the built image ($IMAGE, default embedserve) the way README ("Docker") and
+# docs/deployment.md ("Container image") document it, and checks it:
 #
 #   docker run --read-only -v VOLUME:/models/.cache -p 127.0.0.1:PORT:8000 embedserve
 #
@@ -13,7 +13,7 @@
 #   embedding     /embed and /embed/batch equal the local model's (scripts/image/checks.py)
 #   stop          `docker stop -t 40` under load: every accepted request 200, exit 0
 #   padded        the same read-only run with ENABLE_PACKING=false (FastEmbed's path, which
-#                 failed on a read-only root before) and the README's tmpfs instead of a
+#                 failed on a read-only root before) and docs/deployment.md's tmpfs instead of a
 #                 volume: /health 200 and the same embeddings
 # Removes the containers and the volume it made, also when a check fails.
 set -euo pipefail

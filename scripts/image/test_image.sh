@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make test-image`: the container image built and run for real (README, "Container image").
+# `make test-image`: the container image built and run for real (docs/development.md,
+# "Testing the container image").
 # Each step is a script of its own in this directory, run in this order:
 #
 #   engine.sh start      a Docker engine (installed and started when missing)
