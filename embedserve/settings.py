@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AliasChoices,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -30,18 +31,48 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from embedserve.http.middleware.auth import check_api_key, read_api_keys_file
-
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 StrList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
 # Never echoed in an error message (see `_describe`).
 SECRET_SETTINGS = frozenset({"API_KEYS", "BULK_ONLY_API_KEYS"})
+MIN_API_KEY_LENGTH = 16
 
 
 # Set while `Settings.build` runs, so that explicit construction never reads the environment.
 _READ_ENV: ContextVar[bool] = ContextVar("embedserve_read_env", default=True)
+
+
+def check_api_key(key: str) -> None:
+    """Raise ValueError (never quoting the key) unless `key` can be sent as a Bearer token."""
+    if len(key) < MIN_API_KEY_LENGTH:
+        raise ValueError(f"an API key is shorter than {MIN_API_KEY_LENGTH} characters")
+    if not all("!" <= ch <= "~" for ch in key) or "," in key:
+        raise ValueError("an API key holds a space, comma or non-ASCII character")
+
+
+def read_api_keys_file(path: Path) -> list[str]:
+    """The keys in `path`: one a line, blank lines and ``#`` comments skipped. Raises ValueError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read the API keys file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError("the API keys file is not UTF-8 text") from None
+    keys = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        try:
+            check_api_key(key)
+        except ValueError as exc:
+            raise ValueError(f"line {number}: {exc}") from None
+        keys.append(key)
+    if not keys:
+        raise ValueError("the API keys file holds no keys (authentication would be off)")
+    return keys
 
 
 def _field(name: str, default: Any, description: str, **kwargs: Any) -> Any:
@@ -271,6 +302,9 @@ class Settings(BaseSettings):
         "TRUSTED_PROXIES", [], "Proxy IPs/CIDRs whose X-Forwarded-For names the client."
     )
 
+    # API_KEYS_FILE's keys, read once while validating.
+    _file_keys: tuple[SecretStr, ...] = PrivateAttr(default=())
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -309,12 +343,17 @@ class Settings(BaseSettings):
             check_api_key(key.get_secret_value())
         return value
 
-    @field_validator("api_keys_file")
-    @classmethod
-    def _check_api_keys_file(cls, value: Path | None) -> Path | None:
-        if value is not None:
-            read_api_keys_file(value)  # fail at start-up, in one line, not on first request
-        return value
+    @model_validator(mode="after")
+    def _read_api_keys_file(self) -> Settings:
+        # The file's only read: a bad file fails start-up in one line, not the first request,
+        # and the keys checked here are the keys served (no second read to disagree with).
+        if self.api_keys_file is not None:
+            try:
+                keys = read_api_keys_file(self.api_keys_file)
+            except ValueError as exc:
+                raise _SettingInvalid("API_KEYS_FILE", str(exc)) from None
+            self._file_keys = tuple(SecretStr(key) for key in keys)
+        return self
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -345,6 +384,11 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def accepted_api_keys(self) -> tuple[str, ...]:
+        """Every key auth accepts: API_KEYS, then API_KEYS_FILE's. Empty: auth is off."""
+        return tuple(key.get_secret_value() for key in (*self.api_keys, *self._file_keys))
+
+    @property
     def default_model(self) -> str | None:
         """The model used when a request names none: the first required model."""
         return self.required_models[0] if self.required_models else None
@@ -373,10 +417,21 @@ class SettingsError(ValueError):
     """An invalid setting; the message is one line naming it."""
 
 
+class _SettingInvalid(ValueError):
+    """A check made after the fields are parsed that fails one named setting."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 def _describe(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors(include_url=False):
         loc = error.get("loc") or ()
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, _SettingInvalid):
+            loc = (cause.name,)
         name = str(loc[0]).upper() if loc else "SETTINGS"
         if name.startswith("EMBEDSERVE_"):
             name = name.removeprefix("EMBEDSERVE_")

@@ -23,7 +23,7 @@ from embedserve.engine.backend import Backend
 from embedserve.engine.batcher import BatchPolicy
 from embedserve.engine.registry import ModelRegistry
 from embedserve.errors import EmbedServeError, ValidationFailed
-from embedserve.http.middleware.auth import ApiKeyAuth, load_api_keys
+from embedserve.http.middleware.auth import ApiKeyAuth
 from embedserve.http.middleware.body_limit import BodySizeLimit
 from embedserve.http.middleware.ratelimit import RateLimit, TokenBuckets
 from embedserve.http.prometheus import PrometheusMetrics
@@ -141,9 +141,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
                 ],
             )
         )
-    api_keys = load_api_keys(settings)
-    if api_keys:
-        middleware.append(Middleware(ApiKeyAuth, keys=api_keys))
+    if settings.accepted_api_keys:
+        middleware.append(Middleware(ApiKeyAuth, keys=settings.accepted_api_keys))
     if settings.enable_rate_limit:
         buckets = TokenBuckets(settings.rate_limit_requests)
         middleware.append(
