@@ -136,13 +136,13 @@ class Settings(BaseSettings):
     )
 
     # -- requests ----------------------------------------------------------------------
-    max_text_length: int = _field(
+    max_text_chars: int = _field(
         "MAX_TEXT_LENGTH", 8192, "Longest text in characters (longer: 422 or truncate).", ge=1
     )
     max_batch_size: int = _field(
         "MAX_BATCH_SIZE", 32, "Most texts in one /embed/batch request.", ge=1
     )
-    request_timeout: float = _field(
+    request_timeout_s: float = _field(
         "REQUEST_TIMEOUT",
         300.0,
         "Seconds before a request is answered 504 and dropped; one the queue could not serve "
@@ -158,13 +158,15 @@ class Settings(BaseSettings):
     allowed_models: StrList = _field(
         "ALLOWED_MODELS", [], "Allow-list of model names; empty means any resolvable model."
     )
-    model_cache_ttl: float = _field(
+    model_cache_ttl_s: float = _field(
         "MODEL_CACHE_TTL", 3600.0, "Seconds unused before a model is offloaded.", gt=0
     )
     max_cached_models: int = _field(
         "MAX_CACHED_MODELS", 5, "Most models loaded at once (LRU eviction).", ge=1
     )
-    cleanup_interval: float = _field("CLEANUP_INTERVAL", 60.0, "Seconds between TTL sweeps.", gt=0)
+    cleanup_interval_s: float = _field(
+        "CLEANUP_INTERVAL", 60.0, "Seconds between TTL sweeps.", gt=0
+    )
     pin_required_models: bool = _field(
         "PIN_REQUIRED_MODELS", True, "Never evict or offload REQUIRED_MODELS."
     )
@@ -288,7 +290,7 @@ class Settings(BaseSettings):
     enable_rate_limit: bool = _field(
         "ENABLE_RATE_LIMIT", False, "Per-client token-bucket rate limit."
     )
-    rate_limit_requests: int = _field(
+    rate_limit_per_minute: int = _field(
         "RATE_LIMIT_REQUESTS", 100, "Requests per minute per client when rate limiting.", ge=1
     )
     enable_metrics: bool = _field("ENABLE_METRICS", True, "Serve /metrics.")

@@ -363,7 +363,7 @@ async def test_invalid_batch_body_is_422(api: Api, body: Any) -> None:
 async def test_text_over_max_length_is_422_or_truncated_on_request(serve: Serve) -> None:
     text = "abcdefghij" * 2
     with anyio.fail_after(10):
-        async with serve(max_text_length=16) as api:
+        async with serve(max_text_chars=16) as api:
             refused = await api.client.post("/embed", json={"text": text})
             refused_batch = await api.client.post("/embed/batch", json={"texts": ["ok", text]})
             cut = await api.client.post("/embed", json={"text": text, "truncate": True})
@@ -378,7 +378,7 @@ async def test_text_over_max_length_is_422_or_truncated_on_request(serve: Serve)
 
 async def test_text_blank_after_truncation_is_422(serve: Serve) -> None:
     with anyio.fail_after(10):
-        async with serve(max_text_length=4) as api:
+        async with serve(max_text_chars=4) as api:
             response = await api.client.post("/embed", json={"text": "    x", "truncate": True})
     assert_error(response, 422, "validation_error")
 
@@ -484,7 +484,7 @@ async def test_full_queue_is_429_at_once_and_admitted_requests_finish(serve: Ser
 async def test_request_timeout_is_504_and_its_work_is_dropped(serve: Serve) -> None:
     gate = GatedRunner(open_=True)
     with anyio.fail_after(10):
-        async with serve(run_sync=gate, request_timeout=0.05) as api:
+        async with serve(run_sync=gate, request_timeout_s=0.05) as api:
             gate.open = False
             in_batch = await api.client.post("/embed", json={"text": "held in the model"})
             in_queue = await api.client.post("/embed", json={"text": "held in the queue"})

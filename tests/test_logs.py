@@ -191,7 +191,7 @@ async def test_every_answer_carries_a_request_id(serve: Serve) -> None:
 
     with anyio.fail_after(10):
         async with serve(
-            enable_rate_limit=True, rate_limit_requests=4, max_request_bytes=2048
+            enable_rate_limit=True, rate_limit_per_minute=4, max_request_bytes=2048
         ) as api:
             answers = [
                 await api.client.get("/nope"),

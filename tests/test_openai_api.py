@@ -180,7 +180,7 @@ async def test_dimensions_are_checked_before_inference_for_a_loaded_model(api: A
 async def test_truncate_extension_cuts_long_texts(serve: Serve) -> None:
     text = "abcdefghij" * 2
     with anyio.fail_after(10):
-        async with serve(max_text_length=16) as api:
+        async with serve(max_text_chars=16) as api:
             response = await api.client.post(
                 "/v1/embeddings", json={"model": "fake/a", "input": [text], "truncate": True}
             )
@@ -257,7 +257,7 @@ async def test_more_inputs_than_max_batch_size_is_400_naming_the_limit(serve: Se
 
 async def test_text_over_max_length_is_400_naming_the_limit(serve: Serve) -> None:
     with anyio.fail_after(10):
-        async with serve(max_text_length=16) as api:
+        async with serve(max_text_chars=16) as api:
             response = await embeddings(api, model="fake/a", input=["ok", "x" * 17])
     message = assert_openai_error(response, 400, "bad_request", "input")
     assert "MAX_TEXT_LENGTH" in message

@@ -237,7 +237,7 @@ async def test_rejections_are_counted_by_status_and_error_type(serve: Serve) -> 
 
 async def test_rate_limited_requests_are_counted_under_their_endpoint(serve: Serve) -> None:
     with anyio.fail_after(10):
-        async with serve(enable_rate_limit=True, rate_limit_requests=1) as api:
+        async with serve(enable_rate_limit=True, rate_limit_per_minute=1) as api:
             first = await api.client.post("/embed", json={"text": "a"})
             limited = await api.client.post("/embed", json={"text": "b"})
             _, samples = await scrape(api)

@@ -79,7 +79,7 @@ async def test_embed_honours_teis_fields(api: Api) -> None:
 
 
 async def test_truncate_cuts_texts_over_the_character_limit(serve: Serve) -> None:
-    async with serve(max_text_length=10) as api:
+    async with serve(max_text_chars=10) as api:
         refused = await post(api, "/", {"inputs": "x" * 11})
         cut = await post(api, "/", {"inputs": "x" * 11, "truncate": True})
     assert_error(refused, 422, "validation_error")

@@ -64,7 +64,7 @@ class ModelRegistry:
     Loading is single-flight per name and runs in a worker thread, so a slow or failing
     load never holds up requests for other models. A failed load evicts nothing and is
     remembered for `load_retry_s`. Eviction (LRU past `max_cached_models`) and offload
-    (unused for `model_cache_ttl`) skip pinned and busy models; a busy model is evicted once
+    (unused for `model_cache_ttl_s`) skip pinned and busy models; a busy model is evicted once
     it drains. `aclose` drains every batcher within the grace period and releases models.
     `observer` (set it before `start`) hears of each model's batches and results.
     """

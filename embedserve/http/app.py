@@ -73,11 +73,11 @@ def build_registry(
         allowed=settings.allowed_models,
         required=settings.required_models,
         max_models=settings.max_cached_models,
-        ttl_s=settings.model_cache_ttl,
-        cleanup_interval_s=settings.cleanup_interval,
+        ttl_s=settings.model_cache_ttl_s,
+        cleanup_interval_s=settings.cleanup_interval_s,
         pin_required=settings.pin_required_models,
         load_retry_s=settings.load_retry_s,
-        request_timeout_s=settings.request_timeout,
+        request_timeout_s=settings.request_timeout_s,
         max_unbatched=settings.thread_pool_workers,
         run_sync=run_sync,
     )
@@ -144,7 +144,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     if settings.accepted_api_keys:
         middleware.append(Middleware(ApiKeyAuth, keys=settings.accepted_api_keys))
     if settings.enable_rate_limit:
-        buckets = TokenBuckets(settings.rate_limit_requests)
+        buckets = TokenBuckets(settings.rate_limit_per_minute)
         middleware.append(
             Middleware(RateLimit, buckets=buckets, trusted_proxies=settings.trusted_proxies)
         )

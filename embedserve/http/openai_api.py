@@ -104,7 +104,7 @@ async def create_embeddings(request: Request) -> Response:
     texts = _texts(body.input, settings.max_batch_size)
     try:
         texts = check_texts(
-            texts, max_length=settings.max_text_length, truncate=body.truncate, field="input"
+            texts, max_length=settings.max_text_chars, truncate=body.truncate, field="input"
         )
     except ValidationFailed as exc:
         raise BadRequest(exc.message, param="input") from None

@@ -85,7 +85,7 @@ async def embed(request: Request) -> Response:
     body = validate(EmbedRequest, data)
     model = _model_name(settings, body.model_name)
     [text] = check_texts(
-        [body.text], max_length=settings.max_text_length, truncate=body.truncate, field="text"
+        [body.text], max_length=settings.max_text_chars, truncate=body.truncate, field="text"
     )
     try:
         lane = choose_lane(request, 1, priority=body.priority)
@@ -120,7 +120,7 @@ async def embed_batch(request: Request) -> Response:
     body = validate(BatchEmbedRequest, data)
     model = _model_name(settings, body.model_name)
     texts = check_texts(
-        body.texts, max_length=settings.max_text_length, truncate=body.truncate, field="texts"
+        body.texts, max_length=settings.max_text_chars, truncate=body.truncate, field="texts"
     )
     try:
         lane = choose_lane(request, len(texts), priority=body.priority, bulk=True)
@@ -143,7 +143,7 @@ def _cache_info(settings: Settings, registry: ModelRegistry) -> dict[str, Any]:
         "cached_models": len(loaded),
         "max_cached_models": settings.max_cached_models,
         "model_names": [m.name for m in loaded],
-        "ttl_seconds": settings.model_cache_ttl,
+        "ttl_seconds": settings.model_cache_ttl_s,
     }
 
 
