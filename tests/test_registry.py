@@ -28,7 +28,7 @@ from embedserve.errors import (
     ShuttingDown,
 )
 from embedserve.models.store import Manifest, ModelStore
-from tests.fakes import FakeClock, FakeLoader
+from tests.fakes import FakeClock, FakeLoader, GatedRunner
 
 pytestmark = pytest.mark.anyio
 CATALOGUE = frozenset({"org/a", "org/b", "org/c", "org/slow", "org/fast", "org/broken"})
@@ -103,6 +103,19 @@ async def test_slow_load_does_not_delay_another_model(tmp_path, loader, clock):
         assert not slow.done()
         gate.set()
         await slow
+
+
+async def test_a_load_needs_none_of_the_inference_threads(tmp_path, loader, clock):
+    # THREAD_POOL_WORKERS bounds `run_sync`; loads and warm-ups must not queue behind it.
+    pool = GatedRunner()  # every inference thread busy until released
+    async with registry_for(tmp_path, loader, clock, run_sync=pool) as registry:
+        held = asyncio.ensure_future(registry.embed("org/a", ["held"]))
+        await pool.wait_for_waiting(1)
+        async with registry.lease("org/b"):
+            assert registry.loaded_names() == ["org/a", "org/b"]
+            assert pool.waiting == 1 and not held.done()
+        pool.release(1)
+        assert (await held).vectors.shape[0] == 1
 
 
 async def test_lru_evicts_the_least_recently_used(tmp_path, loader, clock):
