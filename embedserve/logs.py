@@ -14,14 +14,14 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedserve.http.middleware.client_addr import client_address, parse_networks
+from embedserve.http.middleware.client_addr import client_host
 from embedserve.http.middleware.request_id import HEADER, SCOPE_KEY, request_id
 
 LogFormat = Literal["text", "json"]
@@ -201,8 +201,9 @@ class AccessLog:
     as ``X-Request-ID`` on every answer, errors and middleware refusals included. Once the
     answer is sent (or the request failed), it calls `on_request` and writes one INFO line
     to ``embedserve.access``: method, path, status, duration_ms, model and texts (when the
-    handler set them), error_type, request_id and client (X-Forwarded-For only from
-    `trusted_proxies`). The error type is read from the error body, which every error has.
+    handler set them), error_type, request_id and client (`client_addr.client_host`: behind
+    a trusted proxy, the client it forwarded for). The error type is read from the error
+    body, which every error has.
     """
 
     def __init__(
@@ -212,7 +213,6 @@ class AccessLog:
         log: bool = True,
         on_request: RequestHook | None = None,
         static_paths: frozenset[str] = frozenset(),
-        trusted_proxies: Iterable[str] = (),
     ) -> None:
         self.app = app
         self._log = log
@@ -220,7 +220,6 @@ class AccessLog:
         # Requests answered before routing (rate limits) are counted under their path only
         # when it is one of these, so the endpoint label stays bounded.
         self._static_paths = static_paths
-        self._trusted = parse_networks(trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -261,8 +260,7 @@ class AccessLog:
             if self._on_request is not None:
                 self._on_request(self._endpoint(scope), status, seconds, error_type)
             if self._log and ACCESS_LOGGER.isEnabledFor(logging.INFO):
-                client = client_address(scope, self._trusted)
-                _write(scope, rid, status, seconds, error_type, client)
+                _write(scope, rid, status, seconds, error_type, client_host(scope))
 
     def _endpoint(self, scope: Scope) -> str:
         route = scope.get("route")
@@ -291,7 +289,7 @@ def _write(
     if error_type is not None:
         fields["error_type"] = error_type
     fields["request_id"] = rid
-    fields["client"] = client
+    fields["client"] = _printable(client)  # a trusted proxy's X-Forwarded-For may hold any text
     # `Logger.info` would also walk the stack for the caller's file and line, which no
     # formatter here shows; the record is otherwise the one `info` makes.
     record = ACCESS_LOGGER.makeRecord(

@@ -35,6 +35,7 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 StrList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
+NetworkList = Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode]
 # Never echoed in an error message (see `_describe`).
 SECRET_SETTINGS = frozenset({"API_KEYS", "BULK_ONLY_API_KEYS"})
 MIN_API_KEY_LENGTH = 16
@@ -73,6 +74,16 @@ def read_api_keys_file(path: Path) -> list[str]:
     if not keys:
         raise ValueError("the API keys file holds no keys (authentication would be off)")
     return keys
+
+
+def _split(value: Any) -> Any:
+    """A list setting from the environment: ``a,b`` or JSON; other values as they are."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
 
 
 def _field(name: str, default: Any, description: str, **kwargs: Any) -> Any:
@@ -302,7 +313,7 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = _field(
         "API_KEYS_FILE", None, "File of API keys, one a line, '#' comments; adds to API_KEYS."
     )
-    trusted_proxies: StrList = _field(
+    trusted_proxies: NetworkList = _field(
         "TRUSTED_PROXIES", [], "Proxy IPs/CIDRs whose X-Forwarded-For names the client."
     )
 
@@ -328,17 +339,11 @@ class Settings(BaseSettings):
         "cors_origins",
         "api_keys",
         "bulk_only_api_keys",
-        "trusted_proxies",
         mode="before",
     )
     @classmethod
     def _split_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+        return _split(value)
 
     @field_validator("api_keys", "bulk_only_api_keys")
     @classmethod
@@ -359,12 +364,14 @@ class Settings(BaseSettings):
             self._file_keys = tuple(SecretStr(key) for key in keys)
         return self
 
-    @field_validator("trusted_proxies")
+    @field_validator("trusted_proxies", mode="before")
     @classmethod
-    def _check_networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            ipaddress.ip_network(item, strict=False)
-        return value
+    def _parse_networks(cls, value: Any) -> Any:
+        # The one parse of TRUSTED_PROXIES; a bare IP is a /32 or /128, host bits are allowed.
+        items = _split(value)
+        if not isinstance(items, list):
+            return items
+        return [ipaddress.ip_network(i, strict=False) if isinstance(i, str) else i for i in items]
 
     @field_validator("log_level", mode="before")
     @classmethod

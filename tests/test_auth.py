@@ -324,10 +324,8 @@ def test_api_keys_come_from_the_environment_and_stay_out_of_repr(
 
 
 def test_trusted_proxies_must_be_addresses_or_networks() -> None:
-    assert Settings.build(trusted_proxies="10.0.0.0/8, 192.0.2.1").trusted_proxies == [
-        "10.0.0.0/8",
-        "192.0.2.1",
-    ]
+    networks = Settings.build(trusted_proxies="10.0.0.0/8, 192.0.2.1").trusted_proxies
+    assert [str(network) for network in networks] == ["10.0.0.0/8", "192.0.2.1/32"]
     with pytest.raises(SettingsError, match="invalid setting TRUSTED_PROXIES"):
         Settings.build(trusted_proxies="10.0.0.0/8,proxy.internal")
 
