@@ -13,6 +13,7 @@ import orjson
 import pytest
 from starlette.types import ASGIApp, Message
 
+from embedserve.models.store import Manifest, ModelStore
 from tests.conftest import Api, Serve
 from tests.fakes import GatedRunner, fake_vector
 
@@ -229,6 +230,68 @@ async def test_models_lists_the_allow_list_when_set(serve: Serve) -> None:
             response = await api.client.get("/models")
     assert response.status_code == 200
     assert response.json()["allowed_models"] == ["fake/a", "fake/b"]
+
+
+class CountingStore(ModelStore):
+    """A models directory that counts its reads (the listing and single manifests)."""
+
+    def __init__(self, root: Any) -> None:
+        super().__init__(root)
+        self.reads = 0
+
+    def list(self) -> list[Manifest]:
+        self.reads += 1
+        return super().list()
+
+    def get(self, name: str) -> Manifest | None:
+        self.reads += 1
+        return super().get(name)
+
+
+def import_model(store: ModelStore, name: str) -> None:
+    directory = store.model_dir(name)
+    directory.mkdir(parents=True)
+    store.write_manifest(directory, Manifest(name, 8, "mean", True, 256, "test", "0" * 64))
+
+
+async def test_model_listings_read_no_file_per_request(api: Api) -> None:
+    store = api.registry.store = CountingStore(api.settings.models_dir)
+    import_model(store, "org/imported")
+    with anyio.fail_after(10):
+        await api.registry.refresh_local_models()  # what start-up and every sweep do
+        assert store.reads == 1
+        for path in ("/models", "/v1/models", "/models/org/imported", "/v1/models/org/imported"):
+            for _ in range(3):
+                assert (await api.client.get(path)).status_code == 200, path
+        assert store.reads == 1
+        listed = (await api.client.get("/models")).json()["local_models"]
+    assert listed == ["org/imported"]
+
+
+async def test_a_model_imported_while_running_is_listed_after_the_refresh(api: Api) -> None:
+    store = ModelStore(api.settings.models_dir)
+    import_model(store, "org/one")
+    with anyio.fail_after(10):
+        await api.registry.refresh_local_models()
+        import_model(store, "org/two")
+        before = (await api.client.get("/models")).json()["local_models"]
+        await api.registry.refresh_local_models()
+        after = (await api.client.get("/models")).json()["local_models"]
+        store.remove("org/one")
+        await api.registry.refresh_local_models()
+        removed = (await api.client.get("/v1/models")).json()["data"]
+    assert (before, after) == (["org/one"], ["org/one", "org/two"])
+    assert [card["id"] for card in removed] == ["fake/a", "org/two"]
+
+
+async def test_a_model_imported_since_the_listing_is_found_and_then_listed(api: Api) -> None:
+    with anyio.fail_after(10):
+        import_model(ModelStore(api.settings.models_dir), "org/new")
+        details = await api.client.get("/models/org/new")  # reads its manifest: not listed
+        listed = (await api.client.get("/models")).json()["local_models"]
+    assert details.status_code == 200
+    assert (details.json()["is_cached"], details.json()["dimension"]) == (False, 8)
+    assert listed == ["org/new"]
 
 
 async def test_model_details_of_a_loaded_model(api: Api) -> None:

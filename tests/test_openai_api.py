@@ -342,6 +342,7 @@ def assert_model_card(card: dict[str, Any], name: str) -> None:
 async def test_models_lists_loaded_and_imported_models_in_openais_shape(api: Api) -> None:
     write_manifest(api, "org/imported")
     with anyio.fail_after(10):
+        await api.registry.refresh_local_models()  # what the next sweep does
         await api.client.post("/v1/embeddings", json={"model": "fake/c", "input": "load me"})
         response = await api.client.get("/v1/models")
     assert response.status_code == 200, response.text
@@ -363,6 +364,7 @@ async def test_models_with_an_allow_list_lists_only_servable_allowed_models(
     with anyio.fail_after(10):
         async with serve(allowed_models="fake/a,fake/b,nope/x") as api:
             write_manifest(api, "org/imported")  # imported, but not allowed
+            await api.registry.refresh_local_models()
             response = await api.client.get("/v1/models")
     assert response.status_code == 200, response.text
     assert [card["id"] for card in response.json()["data"]] == ["fake/a", "fake/b"]

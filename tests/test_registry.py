@@ -236,6 +236,35 @@ async def test_local_model_directory_wins_over_the_catalogue(tmp_path, loader, c
         assert spec.directory == directory
 
 
+async def test_the_sweeper_reads_the_models_directory_again(tmp_path, loader, clock):
+    store = ModelStore(tmp_path)
+    async with registry_for(tmp_path, loader, clock, cleanup_interval_s=0.001) as registry:
+        await registry.start()
+        assert registry.local_models() == []
+        directory = store.model_dir("org/new")
+        directory.mkdir(parents=True)
+        store.write_manifest(directory, Manifest("org/new", 8, "mean", True, 256, "test", "00"))
+        await until(lambda: registry.local_models() == ["org/new"])
+        store.remove("org/new")
+        await until(lambda: registry.local_models() == [])
+
+
+async def test_a_failed_listing_keeps_the_last_one(tmp_path, loader, clock):
+    store = ModelStore(tmp_path / "models")
+    directory = store.model_dir("org/a")
+    directory.mkdir(parents=True)
+    store.write_manifest(directory, Manifest("org/a", 8, "mean", True, 256, "test", "00"))
+    async with registry_for(tmp_path / "models", loader, clock) as registry:
+        await registry.refresh_local_models()
+
+        def unreadable() -> list[Manifest]:
+            raise PermissionError(13, "Permission denied")
+
+        registry.store.list = unreadable  # type: ignore[method-assign]
+        await registry.refresh_local_models()
+        assert registry.local_models() == ["org/a"]
+
+
 async def test_shutdown_refuses_new_arrivals_but_serves_earlier_ones(tmp_path, loader, clock):
     async with registry_for(tmp_path, loader, clock) as registry:
         await registry.embed("org/a", ["warm"])

@@ -147,7 +147,7 @@ async def list_models(request: Request) -> Response:
     """``GET /v1/models``: required, loaded, imported and allowed models that would be served."""
     settings, registry, _ = state(request)
     loaded = {info.name: info for info in registry.loaded()}
-    imported = [manifest.name for manifest in registry.store.list()]
+    imported = registry.local_models()
     names = dict.fromkeys([*registry.required, *loaded, *imported, *settings.allowed_models])
     cards = [_card(registry, name, loaded.get(name)) for name in names]
     return JSONResponse({"object": "list", "data": [card for card in cards if card is not None]})
@@ -202,7 +202,7 @@ def _about_model() -> Iterator[None]:
 def _card(registry: ModelRegistry, name: str, loaded: ModelInfo | None) -> dict[str, Any] | None:
     """OpenAI's model object for `name`, or None when the server would not serve it."""
     try:
-        manifest = registry.resolve(name).manifest
+        manifest = registry.resolve(name, listed=True).manifest
     except (InvalidModelName, ModelNotAllowed, ModelNotFound, ModelUnavailable):
         if loaded is None:
             return None

@@ -243,7 +243,7 @@ async def list_models(request: Request) -> Response:
             "required_models": settings.required_models,
             "cached_models": [m.name for m in registry.loaded()],
             "allowed_models": settings.allowed_models or None,
-            "local_models": [m.name for m in registry.store.list()],
+            "local_models": registry.local_models(),
         }
     )
 
