@@ -197,7 +197,7 @@ class AccessLog:
 
     Each HTTP request is stamped with its arrival time (``time.monotonic()``, in the scope
     under `ARRIVED_AT`), so that draining can tell old requests from new, and gets an id
-    (`requestid.request_id`), stored in the scope under `requestid.SCOPE_KEY` and sent back
+    (`request_id.request_id`), stored in the scope under `request_id.SCOPE_KEY` and sent back
     as ``X-Request-ID`` on every answer, errors and middleware refusals included. Once the
     answer is sent (or the request failed), it calls `on_request` and writes one INFO line
     to ``embedserve.access``: method, path, status, duration_ms, model and texts (when the

@@ -1,6 +1,6 @@
 """OpenAI-compatible endpoints: ``POST /v1/embeddings``, ``GET /v1/models[/{model}]``.
 
-Embeddings go through the same path as ``/embed/batch`` (`handling.run_embed`: the model's
+Embeddings go through the same path as ``/embed/batch`` (`embed_call.run_embed`: the model's
 micro-batcher, the arrival stamp, disconnect handling) and the same text checks. Errors are
 the typed errors of `embedserve.errors`; the app renders them in OpenAI's shape under
 ``/v1/``. Validation errors are 400 here (not 422), because OpenAI's clients expect that.

@@ -261,11 +261,6 @@ def build_spec(
     return spec
 
 
-def spec_path(route_path: str) -> str:
-    """A Starlette route path as the document writes it: ``{name:path}`` -> ``{name}``."""
-    return re.sub(r"\{(\w+):\w+\}", r"{\1}", route_path)
-
-
 def _schemas(
     operations: Sequence[Operation],
 ) -> tuple[dict[type[BaseModel], dict[str, Any]], dict[str, Any]]:

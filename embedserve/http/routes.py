@@ -25,6 +25,8 @@ from embedserve.http.embed_call import (
     state,
     timing_headers,
 )
+from embedserve.http.openai_api import openai_routes
+from embedserve.http.openapi import openapi_json
 from embedserve.http.prometheus import prometheus_answer
 from embedserve.http.responses import JSONResponse, error_response
 from embedserve.http.schemas import (
@@ -33,17 +35,13 @@ from embedserve.http.schemas import (
     check_texts,
     validate,
 )
-from embedserve.http.tei_api import embed_inputs
+from embedserve.http.swagger import docs_routes
+from embedserve.http.tei_api import embed_inputs, tei_routes
 from embedserve.settings import Settings
 
 
 def routes() -> list[BaseRoute]:
     """Every route of the API."""
-    from embedserve.http.openai_api import openai_routes
-    from embedserve.http.openapi import openapi_json  # here: it imports this module's handlers
-    from embedserve.http.swagger import docs_routes
-    from embedserve.http.tei_api import tei_routes
-
     # The router tries routes in order: the embedding endpoints, the busy ones, come first.
     embeddings, *openai_rest = openai_routes()
     return [

@@ -1,7 +1,7 @@
 """text-embeddings-inference (TEI) routes: ``POST /`` and ``POST /embed`` with ``inputs``
 (embed), ``POST /embed_all``, ``GET /info``, ``POST /tokenize``, ``POST /decode``.
 
-Embeddings go through the same path as the other APIs (`handling.run_embed`: the model's
+Embeddings go through the same path as the other APIs (`embed_call.run_embed`: the model's
 micro-batcher, limits, disconnect handling). Token vectors and tokenizer work run through
 `ModelRegistry.run_on_model` in the same worker threads, one request per model call (not
 micro-batched). TEI has no model field: these routes serve the default model. Errors keep

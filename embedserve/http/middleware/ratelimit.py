@@ -2,7 +2,7 @@
 
 A client is its API key when keys are on (bucketed by the digest `ApiKeyAuth` leaves in the
 scope, never the key), else its address: the socket peer, or X-Forwarded-For from a trusted
-proxy (see `clientaddr`). IPv6 clients share a bucket per /64, the block one subscriber gets.
+proxy (see `client_addr`). IPv6 clients share a bucket per /64, the block one subscriber gets.
 Runs after authentication, so refused requests never spend a key's budget. Liveness,
 readiness and metrics endpoints are exempt.
 
