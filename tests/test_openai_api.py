@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from datetime import datetime
 from typing import Any
 
@@ -91,7 +92,9 @@ def write_manifest(api: Api, name: str, created_at: str = "2024-05-01T12:00:00+0
 
 # -- POST /v1/embeddings ---------------------------------------------------------------
 async def test_one_string_gives_openais_shape_with_real_usage(api: Api) -> None:
+    started = time.perf_counter()
     response = await embeddings(api, model="fake/a", input="hello world")
+    wall_ms = (time.perf_counter() - started) * 1000
     assert response.status_code == 200, response.text
     body = response.json()
     assert set(body) == {"object", "data", "model", "usage"}
@@ -103,7 +106,12 @@ async def test_one_string_gives_openais_shape_with_real_usage(api: Api) -> None:
     assert item["index"] == 0
     np.testing.assert_allclose(item["embedding"], fake_vector("hello world"), rtol=1e-6)
     assert body["usage"] == {"prompt_tokens": 4, "total_tokens": 4}
-    assert float(response.headers["X-Queue-Time"]) >= 0
+    # Both within the request's wall time, rounded to a microsecond each.
+    queue_ms, inference_ms = (
+        float(response.headers[f"X-{n}-Time"]) for n in ("Queue", "Inference")
+    )
+    assert queue_ms >= 0 and inference_ms > 0, (queue_ms, inference_ms)
+    assert queue_ms + inference_ms <= wall_ms + 0.001, (queue_ms, inference_ms, wall_ms)
     assert ["hello world"] in api.loader.backends["fake/a"].batches  # through the batcher
 
 
