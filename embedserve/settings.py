@@ -176,7 +176,10 @@ class Settings(BaseSettings):
         "MAX_CACHED_MODELS", 5, "Most models loaded at once (LRU eviction).", ge=1
     )
     cleanup_interval_s: float = _field(
-        "CLEANUP_INTERVAL", 60.0, "Seconds between TTL sweeps.", gt=0
+        "CLEANUP_INTERVAL",
+        60.0,
+        "Seconds between sweeps: TTL offload, and a new read of MODELS_DIR for the model lists.",
+        gt=0,
     )
     pin_required_models: bool = _field(
         "PIN_REQUIRED_MODELS", True, "Never evict or offload REQUIRED_MODELS."
