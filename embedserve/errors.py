@@ -130,7 +130,10 @@ class ShuttingDown(EmbedServeError):
 
 
 class InferenceFailed(EmbedServeError):
-    """The backend raised while running a batch; every request in that batch gets this."""
+    """The model failed on this request's texts. A failed batch is retried in parts (the
+    batcher's `_isolate`), so only the requests holding the texts to blame get this, or
+    every request of the batch when the backend fails on any input; also a failed
+    tokenisation, or a failure of work outside a batch (TEI's token-level routes)."""
 
     status_code = 500
     error_type = "inference_error"

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AliasChoices,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -33,18 +34,59 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from embedserve.http.middleware.auth import check_api_key, read_api_keys_file
-
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 StrList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
+NetworkList = Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode]
 # Never echoed in an error message (see `_describe`).
 SECRET_SETTINGS = frozenset({"API_KEYS", "BULK_ONLY_API_KEYS"})
+MIN_API_KEY_LENGTH = 16
 
 
 # Set while `Settings.build` runs, so that explicit construction never reads the environment.
 _READ_ENV: ContextVar[bool] = ContextVar("embedserve_read_env", default=True)
+
+
+def check_api_key(key: str) -> None:
+    """Raise ValueError (never quoting the key) unless `key` can be sent as a Bearer token."""
+    if len(key) < MIN_API_KEY_LENGTH:
+        raise ValueError(f"an API key is shorter than {MIN_API_KEY_LENGTH} characters")
+    if not all("!" <= ch <= "~" for ch in key) or "," in key:
+        raise ValueError("an API key holds a space, comma or non-ASCII character")
+
+
+def read_api_keys_file(path: Path) -> list[str]:
+    """The keys in `path`: one a line, blank lines and ``#`` comments skipped. Raises ValueError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read the API keys file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError("the API keys file is not UTF-8 text") from None
+    keys = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        try:
+            check_api_key(key)
+        except ValueError as exc:
+            raise ValueError(f"line {number}: {exc}") from None
+        keys.append(key)
+    if not keys:
+        raise ValueError("the API keys file holds no keys (authentication would be off)")
+    return keys
+
+
+def _split(value: Any) -> Any:
+    """A list setting from the environment: ``a,b`` or JSON; other values as they are."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
 
 
 def _field(name: str, default: Any, description: str, **kwargs: Any) -> Any:
@@ -108,13 +150,13 @@ class Settings(BaseSettings):
     )
 
     # -- requests ----------------------------------------------------------------------
-    max_text_length: int = _field(
+    max_text_chars: int = _field(
         "MAX_TEXT_LENGTH", 8192, "Longest text in characters (longer: 422 or truncate).", ge=1
     )
     max_batch_size: int = _field(
         "MAX_BATCH_SIZE", 32, "Most texts in one /embed/batch request.", ge=1
     )
-    request_timeout: float = _field(
+    request_timeout_s: float = _field(
         "REQUEST_TIMEOUT",
         300.0,
         "Seconds before a request is answered 504 and dropped; one the queue could not serve "
@@ -130,13 +172,18 @@ class Settings(BaseSettings):
     allowed_models: StrList = _field(
         "ALLOWED_MODELS", [], "Allow-list of model names; empty means any resolvable model."
     )
-    model_cache_ttl: float = _field(
+    model_cache_ttl_s: float = _field(
         "MODEL_CACHE_TTL", 3600.0, "Seconds unused before a model is offloaded.", gt=0
     )
     max_cached_models: int = _field(
         "MAX_CACHED_MODELS", 5, "Most models loaded at once (LRU eviction).", ge=1
     )
-    cleanup_interval: float = _field("CLEANUP_INTERVAL", 60.0, "Seconds between TTL sweeps.", gt=0)
+    cleanup_interval_s: float = _field(
+        "CLEANUP_INTERVAL",
+        60.0,
+        "Seconds between sweeps: TTL offload, and a new read of MODELS_DIR for the model lists.",
+        gt=0,
+    )
     pin_required_models: bool = _field(
         "PIN_REQUIRED_MODELS", True, "Never evict or offload REQUIRED_MODELS."
     )
@@ -152,7 +199,9 @@ class Settings(BaseSettings):
     thread_pool_workers: int = _field(
         "THREAD_POOL_WORKERS",
         4,
-        "Worker threads for inference and loading across models.",
+        "Worker threads shared by every model's inference: its batches, and TEI's token-level "
+        "routes (past this many of those at once, 429). Model loads, warm-ups and releases "
+        "run on threads of their own, so a slow load never holds one of these.",
         ge=1,
     )
 
@@ -260,7 +309,7 @@ class Settings(BaseSettings):
     enable_rate_limit: bool = _field(
         "ENABLE_RATE_LIMIT", False, "Per-client token-bucket rate limit."
     )
-    rate_limit_requests: int = _field(
+    rate_limit_per_minute: int = _field(
         "RATE_LIMIT_REQUESTS", 100, "Requests per minute per client when rate limiting.", ge=1
     )
     enable_metrics: bool = _field("ENABLE_METRICS", True, "Serve /metrics.")
@@ -270,9 +319,12 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = _field(
         "API_KEYS_FILE", None, "File of API keys, one a line, '#' comments; adds to API_KEYS."
     )
-    trusted_proxies: StrList = _field(
+    trusted_proxies: NetworkList = _field(
         "TRUSTED_PROXIES", [], "Proxy IPs/CIDRs whose X-Forwarded-For names the client."
     )
+
+    # API_KEYS_FILE's keys, read once while validating.
+    _file_keys: tuple[SecretStr, ...] = PrivateAttr(default=())
 
     @classmethod
     def settings_customise_sources(
@@ -293,17 +345,11 @@ class Settings(BaseSettings):
         "cors_origins",
         "api_keys",
         "bulk_only_api_keys",
-        "trusted_proxies",
         mode="before",
     )
     @classmethod
     def _split_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+        return _split(value)
 
     @field_validator("api_keys", "bulk_only_api_keys")
     @classmethod
@@ -312,19 +358,26 @@ class Settings(BaseSettings):
             check_api_key(key.get_secret_value())
         return value
 
-    @field_validator("api_keys_file")
-    @classmethod
-    def _check_api_keys_file(cls, value: Path | None) -> Path | None:
-        if value is not None:
-            read_api_keys_file(value)  # fail at start-up, in one line, not on first request
-        return value
+    @model_validator(mode="after")
+    def _read_api_keys_file(self) -> Settings:
+        # The file's only read: a bad file fails start-up in one line, not the first request,
+        # and the keys checked here are the keys served (no second read to disagree with).
+        if self.api_keys_file is not None:
+            try:
+                keys = read_api_keys_file(self.api_keys_file)
+            except ValueError as exc:
+                raise _SettingInvalid("API_KEYS_FILE", str(exc)) from None
+            self._file_keys = tuple(SecretStr(key) for key in keys)
+        return self
 
-    @field_validator("trusted_proxies")
+    @field_validator("trusted_proxies", mode="before")
     @classmethod
-    def _check_networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            ipaddress.ip_network(item, strict=False)
-        return value
+    def _parse_networks(cls, value: Any) -> Any:
+        # The one parse of TRUSTED_PROXIES; a bare IP is a /32 or /128, host bits are allowed.
+        items = _split(value)
+        if not isinstance(items, list):
+            return items
+        return [ipaddress.ip_network(i, strict=False) if isinstance(i, str) else i for i in items]
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -345,7 +398,19 @@ class Settings(BaseSettings):
             )
         if len(self.required_models) > self.max_cached_models:
             raise ValueError("more REQUIRED_MODELS than MAX_CACHED_MODELS")
+        accepted = set(self.accepted_api_keys)
+        stray = [k for k in self.bulk_only_api_keys if k.get_secret_value() not in accepted]
+        if stray:
+            raise _SettingInvalid(
+                "BULK_ONLY_API_KEYS",
+                f"{len(stray)} of its keys are not in API_KEYS or API_KEYS_FILE",
+            )
         return self
+
+    @property
+    def accepted_api_keys(self) -> tuple[str, ...]:
+        """Every key auth accepts: API_KEYS, then API_KEYS_FILE's. Empty: auth is off."""
+        return tuple(key.get_secret_value() for key in (*self.api_keys, *self._file_keys))
 
     @property
     def default_model(self) -> str | None:
@@ -376,10 +441,21 @@ class SettingsError(ValueError):
     """An invalid setting; the message is one line naming it."""
 
 
+class _SettingInvalid(ValueError):
+    """A check made after the fields are parsed that fails one named setting."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 def _describe(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors(include_url=False):
         loc = error.get("loc") or ()
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, _SettingInvalid):
+            loc = (cause.name,)
         name = str(loc[0]).upper() if loc else "SETTINGS"
         if name.startswith("EMBEDSERVE_"):
             name = name.removeprefix("EMBEDSERVE_")

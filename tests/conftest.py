@@ -74,7 +74,7 @@ def serve(tmp_path: Path) -> Serve:
             catalogue=CATALOGUE,
             allowed=settings.allowed_models,
             required=settings.required_models,
-            request_timeout_s=settings.request_timeout,
+            request_timeout_s=settings.request_timeout_s,
             run_sync=run_sync,
         )
         app = create_app(settings, registry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,11 +14,14 @@ import orjson
 import pytest
 from starlette.types import ASGIApp, Message
 
+from embedserve.models.store import Manifest, ModelStore
 from tests.conftest import Api, Serve
 from tests.fakes import GatedRunner, fake_vector
 
 pytestmark = pytest.mark.anyio
 
+# Each of processing_time_ms and the two headers is rounded to a microsecond.
+ROUNDING_MS = 0.002
 LEAKS = ("Traceback", 'File "', "/work/", "/tmp/", "site-packages")
 INVALID_NAMES = ["../../etc/passwd", "/abs/path", "a\x00b", "a/../b", "%2e%2e"]
 
@@ -43,6 +47,24 @@ def assert_error(response: httpx.Response, status: int, error_type: str) -> dict
 
 def assert_vector(row: list[float], text: str) -> None:
     np.testing.assert_allclose(np.asarray(row, dtype=np.float32), fake_vector(text), rtol=1e-6)
+
+
+async def timed_post(api: Api, path: str, body: Any) -> tuple[httpx.Response, float]:
+    """The answer, and the request's wall time in milliseconds as the test saw it."""
+    started = time.perf_counter()
+    response = await api.client.post(path, json=body)
+    return response, (time.perf_counter() - started) * 1000
+
+
+def assert_timings(response: httpx.Response, wall_ms: float) -> None:
+    """X-Queue-Time and X-Inference-Time add up within processing_time_ms, which is within
+    the request's wall time; inference (a hop to a worker thread at least) took some."""
+    queue_ms = float(response.headers["X-Queue-Time"])
+    inference_ms = float(response.headers["X-Inference-Time"])
+    processing_ms = response.json()["processing_time_ms"]
+    assert queue_ms >= 0 and inference_ms > 0, (queue_ms, inference_ms)
+    assert queue_ms + inference_ms <= processing_ms + ROUNDING_MS, (queue_ms, inference_ms)
+    assert processing_ms <= wall_ms, (processing_ms, wall_ms)
 
 
 async def model_metrics(api: Api, name: str = "fake/a") -> dict[str, Any]:
@@ -106,19 +128,17 @@ async def raw_get(app: ASGIApp, path: str) -> tuple[int, bytes]:
 # -- POST /embed and /embed/batch ------------------------------------------------------
 async def test_embed_returns_the_fake_vector_with_timing_headers(api: Api) -> None:
     with anyio.fail_after(10):
-        response = await api.client.post(
-            "/embed", json={"model_name": "fake/a", "text": "hello world"}
+        response, wall_ms = await timed_post(
+            api, "/embed", {"model_name": "fake/a", "text": "hello world"}
         )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_name"] == "fake/a"
     assert body["dimension"] == 8
     assert body["text_length"] == len("hello world")
-    assert body["processing_time_ms"] >= 0
     assert "truncated" not in body
     assert_vector(body["embedding"], "hello world")
-    assert float(response.headers["X-Queue-Time"]) >= 0
-    assert float(response.headers["X-Inference-Time"]) >= 0
+    assert_timings(response, wall_ms)
 
 
 async def test_embed_without_model_name_uses_the_first_required_model(serve: Serve) -> None:
@@ -144,32 +164,34 @@ async def test_embed_loads_a_catalogue_model_on_first_use(api: Api) -> None:
 async def test_embed_batch_keeps_the_order_of_texts(api: Api) -> None:
     texts = ["first", "the second text", "first", "a third one"]
     with anyio.fail_after(10):
-        response = await api.client.post(
-            "/embed/batch", json={"model_name": "fake/a", "texts": texts}
+        response, wall_ms = await timed_post(
+            api, "/embed/batch", {"model_name": "fake/a", "texts": texts}
         )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_name"] == "fake/a"
     assert body["dimension"] == 8
     assert body["count"] == len(texts)
-    assert body["processing_time_ms"] >= 0
     assert len(body["embeddings"]) == len(texts)
     for row, text in zip(body["embeddings"], texts, strict=True):
         assert_vector(row, text)
-    assert float(response.headers["X-Queue-Time"]) >= 0
-    assert float(response.headers["X-Inference-Time"]) >= 0
+    assert_timings(response, wall_ms)
 
 
 # -- GET /health, /ready, /metrics -----------------------------------------------------
 async def test_health_and_ready_when_required_models_are_loaded(api: Api) -> None:
+    created = api.app.state.stats.started  # time.monotonic() when the app was made
     with anyio.fail_after(10):
+        before_s = time.monotonic() - created
         health = await api.client.get("/health")
+        after_s = time.monotonic() - created
         ready = await api.client.get("/ready")
     assert health.status_code == 200
     body = health.json()
     assert body["status"] == "healthy"
     assert body["cache_info"]["model_names"] == ["fake/a"]
-    assert body["uptime_seconds"] >= 0
+    # The app's age while it answered, rounded to a millisecond.
+    assert before_s - 0.0005 <= body["uptime_seconds"] <= after_s + 0.0005, (before_s, after_s)
     assert ready.status_code == 200
 
 
@@ -231,14 +253,78 @@ async def test_models_lists_the_allow_list_when_set(serve: Serve) -> None:
     assert response.json()["allowed_models"] == ["fake/a", "fake/b"]
 
 
+class CountingStore(ModelStore):
+    """A models directory that counts its reads (the listing and single manifests)."""
+
+    def __init__(self, root: Any) -> None:
+        super().__init__(root)
+        self.reads = 0
+
+    def list(self) -> list[Manifest]:
+        self.reads += 1
+        return super().list()
+
+    def get(self, name: str) -> Manifest | None:
+        self.reads += 1
+        return super().get(name)
+
+
+def import_model(store: ModelStore, name: str) -> None:
+    directory = store.model_dir(name)
+    directory.mkdir(parents=True)
+    store.write_manifest(directory, Manifest(name, 8, "mean", True, 256, "test", "0" * 64))
+
+
+async def test_model_listings_read_no_file_per_request(api: Api) -> None:
+    store = api.registry.store = CountingStore(api.settings.models_dir)
+    import_model(store, "org/imported")
+    with anyio.fail_after(10):
+        await api.registry.refresh_local_models()  # what start-up and every sweep do
+        assert store.reads == 1
+        for path in ("/models", "/v1/models", "/models/org/imported", "/v1/models/org/imported"):
+            for _ in range(3):
+                assert (await api.client.get(path)).status_code == 200, path
+        assert store.reads == 1
+        listed = (await api.client.get("/models")).json()["local_models"]
+    assert listed == ["org/imported"]
+
+
+async def test_a_model_imported_while_running_is_listed_after_the_refresh(api: Api) -> None:
+    store = ModelStore(api.settings.models_dir)
+    import_model(store, "org/one")
+    with anyio.fail_after(10):
+        await api.registry.refresh_local_models()
+        import_model(store, "org/two")
+        before = (await api.client.get("/models")).json()["local_models"]
+        await api.registry.refresh_local_models()
+        after = (await api.client.get("/models")).json()["local_models"]
+        store.remove("org/one")
+        await api.registry.refresh_local_models()
+        removed = (await api.client.get("/v1/models")).json()["data"]
+    assert (before, after) == (["org/one"], ["org/one", "org/two"])
+    assert [card["id"] for card in removed] == ["fake/a", "org/two"]
+
+
+async def test_a_model_imported_since_the_listing_is_found_and_then_listed(api: Api) -> None:
+    with anyio.fail_after(10):
+        import_model(ModelStore(api.settings.models_dir), "org/new")
+        details = await api.client.get("/models/org/new")  # reads its manifest: not listed
+        listed = (await api.client.get("/models")).json()["local_models"]
+    assert details.status_code == 200
+    assert (details.json()["is_cached"], details.json()["dimension"]) == (False, 8)
+    assert listed == ["org/new"]
+
+
 async def test_model_details_of_a_loaded_model(api: Api) -> None:
     with anyio.fail_after(10):
         response = await api.client.get("/models/fake/a")
+        uptime_s = (await api.client.get("/health")).json()["uptime_seconds"]
     assert response.status_code == 200
     body = response.json()
     assert body["model_name"] == "fake/a"
     assert body["is_cached"] is True
-    assert body["load_time"] >= 0
+    # Loaded after the app was created (each figure rounded: 0.1 ms, 1 ms).
+    assert 0 <= body["load_time"] <= uptime_s + 0.001, (body["load_time"], uptime_s)
     assert isinstance(body["loaded_at"], str)
     assert isinstance(body["last_used"], str)
     assert body["packed"] is False  # FakeBackend plans padded batches by default
@@ -363,7 +449,7 @@ async def test_invalid_batch_body_is_422(api: Api, body: Any) -> None:
 async def test_text_over_max_length_is_422_or_truncated_on_request(serve: Serve) -> None:
     text = "abcdefghij" * 2
     with anyio.fail_after(10):
-        async with serve(max_text_length=16) as api:
+        async with serve(max_text_chars=16) as api:
             refused = await api.client.post("/embed", json={"text": text})
             refused_batch = await api.client.post("/embed/batch", json={"texts": ["ok", text]})
             cut = await api.client.post("/embed", json={"text": text, "truncate": True})
@@ -378,7 +464,7 @@ async def test_text_over_max_length_is_422_or_truncated_on_request(serve: Serve)
 
 async def test_text_blank_after_truncation_is_422(serve: Serve) -> None:
     with anyio.fail_after(10):
-        async with serve(max_text_length=4) as api:
+        async with serve(max_text_chars=4) as api:
             response = await api.client.post("/embed", json={"text": "    x", "truncate": True})
     assert_error(response, 422, "validation_error")
 
@@ -484,7 +570,7 @@ async def test_full_queue_is_429_at_once_and_admitted_requests_finish(serve: Ser
 async def test_request_timeout_is_504_and_its_work_is_dropped(serve: Serve) -> None:
     gate = GatedRunner(open_=True)
     with anyio.fail_after(10):
-        async with serve(run_sync=gate, request_timeout=0.05) as api:
+        async with serve(run_sync=gate, request_timeout_s=0.05) as api:
             gate.open = False
             in_batch = await api.client.post("/embed", json={"text": "held in the model"})
             in_queue = await api.client.post("/embed", json={"text": "held in the queue"})

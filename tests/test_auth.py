@@ -17,14 +17,19 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from embedserve import server
+from embedserve.engine.registry import ModelRegistry
+from embedserve.engine.wiring import policy_from
+from embedserve.http.app import create_app
 from embedserve.http.middleware.auth import (
     API_KEY_ID,
     ApiKeyAuth,
     exposure_warning,
     warn_if_exposed,
 )
+from embedserve.models.store import ModelStore
 from embedserve.settings import Settings, SettingsError
 from tests.conftest import Serve
+from tests.fakes import FakeLoader
 
 KEY_A = "sk-test-aaaaaaaaaaaaaaaaaaaa"
 KEY_B = "sk-test-bbbbbbbbbbbbbbbbbbbb"
@@ -252,6 +257,30 @@ async def test_keys_file_alone_turns_auth_on(serve: Serve, tmp_path: Path) -> No
     assert (refused.status_code, accepted.status_code) == (401, 200)
 
 
+@pytest.mark.anyio
+async def test_the_keys_file_is_read_once_by_the_settings(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(f"{KEY_B}\n")
+    settings = Settings.build(api_keys_file=keys_file, required_models=[])
+    keys_file.write_text(f"{KEY_C}\n")  # after validation: the app must not read it again
+    registry = ModelRegistry(
+        store=ModelStore(tmp_path / "models"), loader=FakeLoader(), policy=policy_from(settings)
+    )
+    app = create_app(settings, registry)
+    transport = httpx.ASGITransport(app=app)
+    with anyio.fail_after(10):
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+        ):
+            statuses = [
+                (await client.get("/models", headers=bearer(key))).status_code
+                for key in (KEY_B, KEY_C)
+            ]
+    assert settings.accepted_api_keys == (KEY_B,)
+    assert statuses == [200, 401]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -296,10 +325,8 @@ def test_api_keys_come_from_the_environment_and_stay_out_of_repr(
 
 
 def test_trusted_proxies_must_be_addresses_or_networks() -> None:
-    assert Settings.build(trusted_proxies="10.0.0.0/8, 192.0.2.1").trusted_proxies == [
-        "10.0.0.0/8",
-        "192.0.2.1",
-    ]
+    networks = Settings.build(trusted_proxies="10.0.0.0/8, 192.0.2.1").trusted_proxies
+    assert [str(network) for network in networks] == ["10.0.0.0/8", "192.0.2.1/32"]
     with pytest.raises(SettingsError, match="invalid setting TRUSTED_PROXIES"):
         Settings.build(trusted_proxies="10.0.0.0/8,proxy.internal")
 

@@ -161,7 +161,7 @@ def test_nginx_limits_match_settings() -> None:
     body = re.search(r"client_max_body_size (\d+)m;", conf)
     assert body and int(body[1]) * 1024 * 1024 == defaults.max_request_bytes
     read = re.search(r"proxy_read_timeout (\d+)s;", conf)
-    assert read and int(read[1]) > defaults.request_timeout
+    assert read and int(read[1]) > defaults.request_timeout_s
     assert "proxy_next_upstream_tries 2;" in conf
     assert 'proxy_set_header Connection "";' in conf
     assert "return" not in conf  # CORS preflights (OPTIONS) reach embedserve

@@ -80,7 +80,7 @@ async def test_401_keeps_cors_headers_for_an_allowed_origin_only(serve: Serve) -
 async def test_429_keeps_cors_headers_and_exposes_rate_limit_headers(serve: Serve) -> None:
     headers = {"Origin": ALLOWED, "Authorization": f"Bearer {KEY}"}
     with anyio.fail_after(10):
-        async with serve(**SECURE, enable_rate_limit=True, rate_limit_requests=1) as api:
+        async with serve(**SECURE, enable_rate_limit=True, rate_limit_per_minute=1) as api:
             await api.client.get("/models", headers=headers)
             refused = await api.client.get("/models", headers=headers)
     assert refused.status_code == 429

@@ -248,7 +248,7 @@ def build_app(tmp_path: Path, **overrides: Any) -> Starlette:
         catalogue=CATALOGUE,
         allowed=settings.allowed_models,
         required=settings.required_models,
-        request_timeout_s=settings.request_timeout,
+        request_timeout_s=settings.request_timeout_s,
     )
     return create_app(settings, registry)
 
@@ -280,7 +280,7 @@ def test_fuzz_in_process(tmp_path: Path, reliability: Recorder) -> None:
         asgi.shutdown_lifespans()
 
         keyed = {"api_keys": [API_KEY], "enable_rate_limit": True}
-        keyed_app = build_app(tmp_path, rate_limit_requests=RATE_LIMIT_REQUESTS, **keyed)
+        keyed_app = build_app(tmp_path, rate_limit_per_minute=RATE_LIMIT_REQUESTS, **keyed)
         schema = load_in_process(keyed_app, AUTHORIZED)
         fuzz(schema, tally, max_examples=15, secrets=[API_KEY], paths=[models])
         fuzz(schema, tally, max_examples=25, headers=AUTHORIZED, secrets=[API_KEY], paths=[models])

@@ -442,7 +442,7 @@ async def test_body_timeout_covers_the_body_only_not_the_wait_for_the_model(
 async def test_million_character_text_is_refused_or_truncated_on_request(
     api: Api, reliability: Recorder
 ) -> None:
-    limit = api.settings.max_text_length
+    limit = api.settings.max_text_chars
     million = "word " * 200_000
     wide = "\U0001f600" * 1_000_000  # 4 MB of UTF-8
     answers: list[tuple[str, Answer]] = []

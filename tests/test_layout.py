@@ -83,9 +83,6 @@ class Import:
 # (importing module, forbidden module it imports) -> why it is allowed. A row that no import
 # needs any more fails `test_every_allowance_is_still_needed`: delete it then.
 ALLOWED: dict[tuple[str, str], str] = {
-    # Issue 13, section 2 ("dependency cycle auth.py <-> settings.py"): being removed; then
-    # delete this row.
-    ("embedserve.settings", "embedserve.http.middleware.auth"): "issue 13: auth/settings cycle",
     # The importer's parity checks load the exported model through the serving loaders, so
     # that the check proves the model as served (see importer.py's docstring). Lazy only.
     ("embedserve.models.importer", "embedserve.engine.backend"): "parity as served (lazy)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from datetime import datetime
 from typing import Any
 
@@ -91,7 +92,9 @@ def write_manifest(api: Api, name: str, created_at: str = "2024-05-01T12:00:00+0
 
 # -- POST /v1/embeddings ---------------------------------------------------------------
 async def test_one_string_gives_openais_shape_with_real_usage(api: Api) -> None:
+    started = time.perf_counter()
     response = await embeddings(api, model="fake/a", input="hello world")
+    wall_ms = (time.perf_counter() - started) * 1000
     assert response.status_code == 200, response.text
     body = response.json()
     assert set(body) == {"object", "data", "model", "usage"}
@@ -103,7 +106,12 @@ async def test_one_string_gives_openais_shape_with_real_usage(api: Api) -> None:
     assert item["index"] == 0
     np.testing.assert_allclose(item["embedding"], fake_vector("hello world"), rtol=1e-6)
     assert body["usage"] == {"prompt_tokens": 4, "total_tokens": 4}
-    assert float(response.headers["X-Queue-Time"]) >= 0
+    # Both within the request's wall time, rounded to a microsecond each.
+    queue_ms, inference_ms = (
+        float(response.headers[f"X-{n}-Time"]) for n in ("Queue", "Inference")
+    )
+    assert queue_ms >= 0 and inference_ms > 0, (queue_ms, inference_ms)
+    assert queue_ms + inference_ms <= wall_ms + 0.001, (queue_ms, inference_ms, wall_ms)
     assert ["hello world"] in api.loader.backends["fake/a"].batches  # through the batcher
 
 
@@ -180,7 +188,7 @@ async def test_dimensions_are_checked_before_inference_for_a_loaded_model(api: A
 async def test_truncate_extension_cuts_long_texts(serve: Serve) -> None:
     text = "abcdefghij" * 2
     with anyio.fail_after(10):
-        async with serve(max_text_length=16) as api:
+        async with serve(max_text_chars=16) as api:
             response = await api.client.post(
                 "/v1/embeddings", json={"model": "fake/a", "input": [text], "truncate": True}
             )
@@ -257,7 +265,7 @@ async def test_more_inputs_than_max_batch_size_is_400_naming_the_limit(serve: Se
 
 async def test_text_over_max_length_is_400_naming_the_limit(serve: Serve) -> None:
     with anyio.fail_after(10):
-        async with serve(max_text_length=16) as api:
+        async with serve(max_text_chars=16) as api:
             response = await embeddings(api, model="fake/a", input=["ok", "x" * 17])
     message = assert_openai_error(response, 400, "bad_request", "input")
     assert "MAX_TEXT_LENGTH" in message
@@ -342,6 +350,7 @@ def assert_model_card(card: dict[str, Any], name: str) -> None:
 async def test_models_lists_loaded_and_imported_models_in_openais_shape(api: Api) -> None:
     write_manifest(api, "org/imported")
     with anyio.fail_after(10):
+        await api.registry.refresh_local_models()  # what the next sweep does
         await api.client.post("/v1/embeddings", json={"model": "fake/c", "input": "load me"})
         response = await api.client.get("/v1/models")
     assert response.status_code == 200, response.text
@@ -363,6 +372,7 @@ async def test_models_with_an_allow_list_lists_only_servable_allowed_models(
     with anyio.fail_after(10):
         async with serve(allowed_models="fake/a,fake/b,nope/x") as api:
             write_manifest(api, "org/imported")  # imported, but not allowed
+            await api.registry.refresh_local_models()
             response = await api.client.get("/v1/models")
     assert response.status_code == 200, response.text
     assert [card["id"] for card in response.json()["data"]] == ["fake/a", "fake/b"]

@@ -42,7 +42,7 @@ def route_operations(routes: Iterable[BaseRoute], prefix: str = "") -> set[tuple
     for route in routes:
         if isinstance(route, Route):
             methods = route.methods or {"GET"}
-            path = openapi.spec_path(prefix + route.path)
+            path = re.sub(r"\{(\w+):\w+\}", r"{\1}", prefix + route.path)  # no converters
             found.update((method, path) for method in methods if method != "HEAD")
         elif isinstance(route, Mount) and route.routes:
             found |= route_operations(route.routes, prefix + route.path)
@@ -224,7 +224,7 @@ async def test_real_answers_match_the_documented_schemas(serve: Serve) -> None:
     seen: set[int] = set()
     with anyio.fail_after(20):
         async with serve(
-            max_text_length=16, max_request_bytes=2048, allowed_models=["fake/a", "fake/b"]
+            max_text_chars=16, max_request_bytes=2048, allowed_models=["fake/a", "fake/b"]
         ) as api:
             spec = await get_spec(api.client)
             for method, url, template, kwargs in cases:
@@ -243,7 +243,9 @@ async def test_real_answers_match_the_documented_schemas(serve: Serve) -> None:
 async def test_rate_limits_and_api_keys_are_documented_where_they_apply(serve: Serve) -> None:
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with anyio.fail_after(10):
-        async with serve(api_keys=[API_KEY], enable_rate_limit=True, rate_limit_requests=2) as api:
+        async with serve(
+            api_keys=[API_KEY], enable_rate_limit=True, rate_limit_per_minute=2
+        ) as api:
             spec = await get_spec(api.client, headers=headers)
             refused = await api.client.get("/models")
             for _ in range(3):

@@ -110,7 +110,8 @@ async def test_exposition_parses_and_has_every_family(api: Api) -> None:
     assert value(samples, "embedserve_batch_padded_tokens_sum", model="fake/a") > 0
     assert value(samples, "embedserve_models_loaded") == 1
     assert value(samples, "embedserve_queue_depth", model="fake/a") == 0
-    assert value(samples, "embedserve_model_load_seconds", model="fake/a") >= 0
+    load_s = api.registry.describe("fake/a").load_time_s
+    assert value(samples, "embedserve_model_load_seconds", model="fake/a") == load_s
     assert value(samples, "embedserve_model_evictions_total") == api.registry.evictions
     # the scrape itself is counted once it has been answered
     _, again = await scrape(api)
@@ -237,7 +238,7 @@ async def test_rejections_are_counted_by_status_and_error_type(serve: Serve) -> 
 
 async def test_rate_limited_requests_are_counted_under_their_endpoint(serve: Serve) -> None:
     with anyio.fail_after(10):
-        async with serve(enable_rate_limit=True, rate_limit_requests=1) as api:
+        async with serve(enable_rate_limit=True, rate_limit_per_minute=1) as api:
             first = await api.client.post("/embed", json={"text": "a"})
             limited = await api.client.post("/embed", json={"text": "b"})
             _, samples = await scrape(api)

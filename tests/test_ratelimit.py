@@ -78,7 +78,7 @@ def buckets_of(app: Starlette) -> TokenBuckets:
 @asynccontextmanager
 async def limited(serve: Serve, limit: int = 3, **overrides: Any) -> AsyncIterator[Api]:
     """The app with a rate limit of `limit` per minute on a FakeClock (reachable as .clock)."""
-    async with serve(enable_rate_limit=True, rate_limit_requests=limit, **overrides) as api:
+    async with serve(enable_rate_limit=True, rate_limit_per_minute=limit, **overrides) as api:
         buckets_of(api.app).clock = FakeClock()
         yield api
 

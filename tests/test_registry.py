@@ -29,7 +29,7 @@ from embedserve.errors import (
     ShuttingDown,
 )
 from embedserve.models.store import Manifest, ModelStore
-from tests.fakes import FakeClock, FakeLoader
+from tests.fakes import FakeClock, FakeLoader, GatedRunner
 
 pytestmark = pytest.mark.anyio
 CATALOGUE = frozenset({"org/a", "org/b", "org/c", "org/slow", "org/fast", "org/broken"})
@@ -104,6 +104,19 @@ async def test_slow_load_does_not_delay_another_model(tmp_path, loader, clock):
         assert not slow.done()
         gate.set()
         await slow
+
+
+async def test_a_load_needs_none_of_the_inference_threads(tmp_path, loader, clock):
+    # THREAD_POOL_WORKERS bounds `run_sync`; loads and warm-ups must not queue behind it.
+    pool = GatedRunner()  # every inference thread busy until released
+    async with registry_for(tmp_path, loader, clock, run_sync=pool) as registry:
+        held = asyncio.ensure_future(registry.embed("org/a", ["held"]))
+        await pool.wait_for_waiting(1)
+        async with registry.lease("org/b"):
+            assert registry.loaded_names() == ["org/a", "org/b"]
+            assert pool.waiting == 1 and not held.done()
+        pool.release(1)
+        assert (await held).vectors.shape[0] == 1
 
 
 async def test_lru_evicts_the_least_recently_used(tmp_path, loader, clock):
@@ -222,6 +235,35 @@ async def test_local_model_directory_wins_over_the_catalogue(tmp_path, loader, c
         spec = registry.resolve("org/a")
         assert spec.source == "local"
         assert spec.directory == directory
+
+
+async def test_the_sweeper_reads_the_models_directory_again(tmp_path, loader, clock):
+    store = ModelStore(tmp_path)
+    async with registry_for(tmp_path, loader, clock, cleanup_interval_s=0.001) as registry:
+        await registry.start()
+        assert registry.local_models() == []
+        directory = store.model_dir("org/new")
+        directory.mkdir(parents=True)
+        store.write_manifest(directory, Manifest("org/new", 8, "mean", True, 256, "test", "00"))
+        await until(lambda: registry.local_models() == ["org/new"])
+        store.remove("org/new")
+        await until(lambda: registry.local_models() == [])
+
+
+async def test_a_failed_listing_keeps_the_last_one(tmp_path, loader, clock):
+    store = ModelStore(tmp_path / "models")
+    directory = store.model_dir("org/a")
+    directory.mkdir(parents=True)
+    store.write_manifest(directory, Manifest("org/a", 8, "mean", True, 256, "test", "00"))
+    async with registry_for(tmp_path / "models", loader, clock) as registry:
+        await registry.refresh_local_models()
+
+        def unreadable() -> list[Manifest]:
+            raise PermissionError(13, "Permission denied")
+
+        registry.store.list = unreadable  # type: ignore[method-assign]
+        await registry.refresh_local_models()
+        assert registry.local_models() == ["org/a"]
 
 
 async def test_shutdown_refuses_new_arrivals_but_serves_earlier_ones(tmp_path, loader, clock):

@@ -27,8 +27,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_seed_defaults() -> None:
     s = Settings.from_env()
     assert (s.host, s.port, s.debug, s.log_level) == ("0.0.0.0", 8000, False, "INFO")
-    assert (s.max_text_length, s.max_batch_size, s.request_timeout) == (8192, 32, 300)
-    assert (s.model_cache_ttl, s.max_cached_models, s.cleanup_interval) == (3600, 5, 60)
+    assert (s.max_text_chars, s.max_batch_size, s.request_timeout_s) == (8192, 32, 300)
+    assert (s.model_cache_ttl_s, s.max_cached_models, s.cleanup_interval_s) == (3600, 5, 60)
     assert s.required_models == [DEFAULT_MODEL]
     assert s.default_model == DEFAULT_MODEL
     assert s.allowed_models == []
@@ -47,13 +47,13 @@ def test_every_seed_name_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, value)
     s = Settings.from_env()
     assert (s.host, s.port, s.debug, s.log_level) == ("127.0.0.1", 9000, True, "DEBUG")
-    assert (s.thread_pool_workers, s.max_text_length, s.max_batch_size) == (3, 100, 7)
-    assert (s.request_timeout, s.model_cache_ttl, s.max_cached_models) == (5, 10, 2)
-    assert s.cleanup_interval == 1
+    assert (s.thread_pool_workers, s.max_text_chars, s.max_batch_size) == (3, 100, 7)
+    assert (s.request_timeout_s, s.model_cache_ttl_s, s.max_cached_models) == (5, 10, 2)
+    assert s.cleanup_interval_s == 1
     assert s.required_models == ["a/b"]
     assert s.allowed_models == ["a/b", "c/d"]
     assert (s.enable_cors, s.cors_origins) == (True, ["https://x.example"])
-    assert (s.enable_rate_limit, s.rate_limit_requests, s.enable_metrics) == (True, 42, False)
+    assert (s.enable_rate_limit, s.rate_limit_per_minute, s.enable_metrics) == (True, 42, False)
 
 
 def test_lists_accept_json_and_commas_with_spaces(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import anyio
@@ -55,10 +56,18 @@ async def test_embed_answers_a_bare_array_for_one_text_and_many(api: Api, path: 
 
 
 async def test_embed_sends_teis_timing_and_size_headers(api: Api) -> None:
+    started = time.perf_counter()
     response = await post(api, "/", {"inputs": ["ab cd", "efg"]})
+    wall_ms = (time.perf_counter() - started) * 1000
     assert response.status_code == 200, response.text
-    for name in TEI_HEADERS:
-        assert float(response.headers[name]) >= 0, name
+    # The handler's time, within the request's, holds the queue and inference times.
+    compute_ms, total_ms = (float(response.headers[f"X-{n}-Time"]) for n in ("Compute", "Total"))
+    queue_ms, inference_ms = (
+        float(response.headers[f"X-{n}-Time"]) for n in ("Queue", "Inference")
+    )
+    assert compute_ms == total_ms <= wall_ms, (compute_ms, total_ms, wall_ms)
+    assert inference_ms > 0 and queue_ms + inference_ms <= compute_ms + 0.002
+    assert all(name in response.headers for name in TEI_HEADERS)
     assert response.headers["x-compute-characters"] == "8"
     assert response.headers["x-compute-tokens"] == str((2 + 2) + (1 + 2))  # fake: words + 2
 
@@ -79,7 +88,7 @@ async def test_embed_honours_teis_fields(api: Api) -> None:
 
 
 async def test_truncate_cuts_texts_over_the_character_limit(serve: Serve) -> None:
-    async with serve(max_text_length=10) as api:
+    async with serve(max_text_chars=10) as api:
         refused = await post(api, "/", {"inputs": "x" * 11})
         cut = await post(api, "/", {"inputs": "x" * 11, "truncate": True})
     assert_error(refused, 422, "validation_error")

@@ -85,11 +85,6 @@ def plan_batch(lengths: Sequence[int], keys: Sequence[str], limits: BatchLimits)
     return sorted(chosen)
 
 
-def padded_tokens(lengths: Sequence[int]) -> int:
-    """Padded size of a batch of texts with these token counts."""
-    return len(lengths) * max(lengths, default=0)
-
-
 @dataclass(frozen=True)
 class PackLimits:
     """Caps for one packed batch: `max_rows` rows of `row_tokens` slots, at most `max_texts`

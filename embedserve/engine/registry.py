@@ -37,6 +37,7 @@ from embedserve.engine.tokens import Token
 from embedserve.errors import (
     EmbedServeError,
     InferenceFailed,
+    InvalidModelName,
     ModelNotAllowed,
     ModelNotFound,
     ModelUnavailable,
@@ -66,8 +67,10 @@ class ModelRegistry:
     Loading is single-flight per name and runs in a worker thread, so a slow or failing
     load never holds up requests for other models. A failed load evicts nothing and is
     remembered for `load_retry_s`. Eviction (LRU past `max_cached_models`) and offload
-    (unused for `model_cache_ttl`) skip pinned and busy models; a busy model is evicted once
+    (unused for `model_cache_ttl_s`) skip pinned and busy models; a busy model is evicted once
     it drains. `aclose` drains every batcher within the grace period and releases models.
+    It also owns the listing of imported models (`local_models`), so that requests read no
+    file: read at `start`, again by each sweep (in a worker thread) and by each `resolve`.
     `observer` (set it before `start`) hears of each model's batches and results.
     """
 
@@ -113,6 +116,8 @@ class ModelRegistry:
         self._clock = clock
         self._wall = wall_clock
         self._models: dict[str, ModelEntry] = {}
+        # The imported models, as last read from the models directory (`local_models`).
+        self._local: dict[str, ModelSpec] = {}
         self._loading: dict[str, asyncio.Task[ModelEntry]] = {}
         self._waiters: dict[str, int] = {}
         self._failures: dict[str, tuple[float, EmbedServeError]] = {}
@@ -129,25 +134,59 @@ class ModelRegistry:
         self._unbatched = 0
 
     # -- resolution ------------------------------------------------------------------
-    def resolve(self, name: str) -> ModelSpec:
+    def resolve(self, name: str, *, listed: bool = False) -> ModelSpec:
         """Check `name` against the rules and find its source; loads nothing, opens no file
-        outside the models directory. Raises InvalidModelName, ModelNotAllowed, ModelNotFound.
+        outside the models directory. Reads the model's manifest, and keeps the listing in
+        step with what it found; `listed`: reads no file, trusting `local_models` instead.
+        Raises InvalidModelName, ModelNotAllowed, ModelNotFound, ModelUnavailable.
         """
         validate_model_name(name)
         if self.allowed and name not in self.allowed:
             raise ModelNotAllowed(f"model {name} is not in the allowed models")
-        try:
-            manifest = self.store.get(name)
-        except ValueError as exc:
-            raise ModelUnavailable(f"model {name} has an unreadable manifest") from exc
-        if manifest is not None:
-            return ModelSpec(name, "local", self.store.model_dir(name), manifest)
+        local = self._local.get(name) if listed else self._read_local(name)
+        if local is not None:
+            return local
         if name in self._catalogue:
             return ModelSpec(name, "catalogue")
         raise ModelNotFound(
             f"model {name} is not available locally and is not in FastEmbed's catalogue; "
             f"import it with 'embedserve models import SRC --name {name}'"
         )
+
+    def _read_local(self, name: str) -> ModelSpec | None:
+        try:
+            manifest = self.store.get(name)
+        except ValueError as exc:
+            self._local.pop(name, None)
+            raise ModelUnavailable(f"model {name} has an unreadable manifest") from exc
+        if manifest is None:
+            self._local.pop(name, None)
+            return None
+        spec = self._local[name] = ModelSpec(name, "local", self.store.model_dir(name), manifest)
+        return spec
+
+    def local_models(self) -> list[str]:
+        """The imported models' names, sorted, as the models directory was last read: at
+        `start`, by every sweep, and by every `resolve` that reads a manifest. Reads no file.
+        """
+        return sorted(self._local)
+
+    async def refresh_local_models(self) -> None:
+        """Read the models directory again, in a worker thread; on failure keep the old list."""
+        try:
+            listed = await self._load_run_sync(self._list_local)
+        except OSError as exc:
+            logger.warning("cannot list the models directory %s: %s", self.store.root, exc)
+            return
+        self._local = listed
+
+    def _list_local(self) -> dict[str, ModelSpec]:
+        listed: dict[str, ModelSpec] = {}
+        for manifest in self.store.list():
+            with contextlib.suppress(InvalidModelName):  # a manifest naming no directory
+                directory = self.store.model_dir(manifest.name)
+                listed[manifest.name] = ModelSpec(manifest.name, "local", directory, manifest)
+        return listed
 
     # -- using models ----------------------------------------------------------------
     async def embed(
@@ -271,7 +310,7 @@ class ModelRegistry:
             if failure is not None and self._clock() - failure[0] < self._load_retry_s:
                 raise type(failure[1])(failure[1].message)
             task = self._loading.get(name)
-            if task is None:  # only a new load reads the model's files (on the loop)
+            if task is None:  # only a new load reads the model's manifest (on the loop)
                 spec = self.resolve(name)
                 task = asyncio.get_running_loop().create_task(self._load(spec), name=f"load:{name}")
                 self._loading[name] = task
@@ -418,6 +457,7 @@ class ModelRegistry:
             if isinstance(result, BaseException):
                 message = getattr(result, "message", repr(result))
                 raise ModelUnavailable(f"required model {name} failed to load: {message}")
+        await self.refresh_local_models()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     async def _load_required(self, name: str) -> None:
@@ -428,6 +468,7 @@ class ModelRegistry:
         while True:
             await asyncio.sleep(self._cleanup_interval_s)
             self.sweep()
+            await self.refresh_local_models()  # picks up models imported or removed meanwhile
 
     @property
     def ready(self) -> bool:
@@ -486,11 +527,15 @@ class ModelRegistry:
         return [e.info() for e in entries]
 
     def describe(self, name: str) -> ModelInfo:
-        """Facts about `name` whether loaded or not; raises like `resolve` for unknown names."""
+        """Facts about `name` whether loaded or not; raises like `resolve` for unknown names.
+        Reads a manifest only for a name that `local_models` does not list."""
         entry = self._models.get(name)
         if entry is not None:
             return entry.info()
-        spec = self.resolve(name)
+        try:
+            spec = self.resolve(name, listed=True)
+        except ModelNotFound:
+            spec = self.resolve(name)  # imported since the last listing, perhaps
         manifest = spec.manifest
         return ModelInfo(
             name=name,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -20,8 +20,9 @@ from embedserve.engine.registry import ModelRegistry
 from embedserve.engine.wiring import build_registry
 from embedserve.errors import EmbedServeError, ValidationFailed
 from embedserve.http.middleware.access_log import AccessLog
-from embedserve.http.middleware.auth import ApiKeyAuth, load_api_keys
+from embedserve.http.middleware.auth import ApiKeyAuth
 from embedserve.http.middleware.body_limit import BodySizeLimit
+from embedserve.http.middleware.client_addr import IPNetwork, behind_proxies
 from embedserve.http.middleware.ratelimit import RateLimit, TokenBuckets
 from embedserve.http.prometheus import PrometheusMetrics
 from embedserve.http.request_stats import AppStats
@@ -74,14 +75,14 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
                 ],
             )
         )
-    api_keys = load_api_keys(settings)
-    if api_keys:
-        middleware.append(Middleware(ApiKeyAuth, keys=api_keys))
-    if settings.enable_rate_limit:
-        buckets = TokenBuckets(settings.rate_limit_requests)
+    if settings.accepted_api_keys:
+        bulk_only = [key.get_secret_value() for key in settings.bulk_only_api_keys]
         middleware.append(
-            Middleware(RateLimit, buckets=buckets, trusted_proxies=settings.trusted_proxies)
+            Middleware(ApiKeyAuth, keys=settings.accepted_api_keys, bulk_only=bulk_only)
         )
+    if settings.enable_rate_limit:
+        buckets = TokenBuckets(settings.rate_limit_per_minute)
+        middleware.append(Middleware(RateLimit, buckets=buckets))
     middleware.append(
         Middleware(
             BodySizeLimit,
@@ -96,10 +97,10 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
         AccessLog,
         log=settings.access_log,
         on_request=prometheus.on_request if prometheus is not None else None,
-        trusted_proxies=settings.trusted_proxies,
     )
     app = _App(
         access_log=access_log,
+        trusted_proxies=settings.trusted_proxies,
         debug=False,  # never render tracebacks to clients, whatever DEBUG says
         routes=routes(),
         middleware=middleware,
@@ -120,19 +121,28 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
 
 
 class _App(Starlette):
-    """Starlette with `AccessLog` outermost, outside even the 500 handler, so unhandled
-    errors are logged, counted and carry X-Request-ID like every other answer.
+    """Starlette with `AccessLog` outside even the 500 handler, so unhandled errors are
+    logged, counted and carry X-Request-ID like every other answer; outside it, the proxy
+    headers layer, so that every layer sees the same client address.
     """
 
-    def __init__(self, *, access_log: Callable[..., ASGIApp], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        access_log: Callable[..., ASGIApp],
+        trusted_proxies: Sequence[IPNetwork],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self._access_log = access_log
+        self._trusted_proxies = trusted_proxies
 
     def build_middleware_stack(self) -> ASGIApp:
         static_paths = frozenset(
             path for route in self.routes if "{" not in (path := getattr(route, "path", "{"))
         )
-        return self._access_log(super().build_middleware_stack(), static_paths=static_paths)
+        logged = self._access_log(super().build_middleware_stack(), static_paths=static_paths)
+        return behind_proxies(logged, self._trusted_proxies)
 
 
 async def _handle_error(request: Request, exc: Exception) -> Response:

@@ -1,6 +1,6 @@
 """OpenAI-compatible endpoints: ``POST /v1/embeddings``, ``GET /v1/models[/{model}]``.
 
-Embeddings go through the same path as ``/embed/batch`` (`handling.run_embed`: the model's
+Embeddings go through the same path as ``/embed/batch`` (`embed_call.run_embed`: the model's
 micro-batcher, the arrival stamp, disconnect handling) and the same text checks. Errors are
 the typed errors of `embedserve.errors`; the app renders them in OpenAI's shape under
 ``/v1/``. Validation errors are 400 here (not 422), because OpenAI's clients expect that.
@@ -104,7 +104,7 @@ async def create_embeddings(request: Request) -> Response:
     texts = _texts(body.input, settings.max_batch_size)
     try:
         texts = check_texts(
-            texts, max_length=settings.max_text_length, truncate=body.truncate, field="input"
+            texts, max_length=settings.max_text_chars, truncate=body.truncate, field="input"
         )
     except ValidationFailed as exc:
         raise BadRequest(exc.message, param="input") from None
@@ -115,6 +115,9 @@ async def create_embeddings(request: Request) -> Response:
             _check_dimensions(body.model, body.dimensions, native)
     try:
         lane = choose_lane(request, len(texts), priority=body.priority)
+    except ValidationFailed as exc:
+        raise BadRequest(exc.message, param="priority") from None
+    try:
         result, _ = await run_embed(request, body.model, texts, lane)
     except ClientGone:
         return Response(status_code=499)
@@ -147,7 +150,7 @@ async def list_models(request: Request) -> Response:
     """``GET /v1/models``: required, loaded, imported and allowed models that would be served."""
     settings, registry, _ = state(request)
     loaded = {info.name: info for info in registry.loaded()}
-    imported = [manifest.name for manifest in registry.store.list()]
+    imported = registry.local_models()
     names = dict.fromkeys([*registry.required, *loaded, *imported, *settings.allowed_models])
     cards = [_card(registry, name, loaded.get(name)) for name in names]
     return JSONResponse({"object": "list", "data": [card for card in cards if card is not None]})
@@ -202,7 +205,7 @@ def _about_model() -> Iterator[None]:
 def _card(registry: ModelRegistry, name: str, loaded: ModelInfo | None) -> dict[str, Any] | None:
     """OpenAI's model object for `name`, or None when the server would not serve it."""
     try:
-        manifest = registry.resolve(name).manifest
+        manifest = registry.resolve(name, listed=True).manifest
     except (InvalidModelName, ModelNotAllowed, ModelNotFound, ModelUnavailable):
         if loaded is None:
             return None

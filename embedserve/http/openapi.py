@@ -261,11 +261,6 @@ def build_spec(
     return spec
 
 
-def spec_path(route_path: str) -> str:
-    """A Starlette route path as the document writes it: ``{name:path}`` -> ``{name}``."""
-    return re.sub(r"\{(\w+):\w+\}", r"{\1}", route_path)
-
-
 def _schemas(
     operations: Sequence[Operation],
 ) -> tuple[dict[type[BaseModel], dict[str, Any]], dict[str, Any]]:
@@ -452,7 +447,7 @@ def _intro(settings: Settings) -> str:
         '`{"error", "error_type"}`; under `/v1` they are OpenAI\'s '
         '`{"error": {"message", "type", "param", "code"}}`.\n\n'
         f"This server: at most {settings.max_batch_size} texts per request (MAX_BATCH_SIZE), "
-        f"{settings.max_text_length} characters per text (MAX_TEXT_LENGTH), "
+        f"{settings.max_text_chars} characters per text (MAX_TEXT_LENGTH), "
         f"{settings.max_request_bytes} bytes per body (MAX_REQUEST_BYTES); default model: "
         f"{settings.default_model or 'none (model_name is required)'}."
     )

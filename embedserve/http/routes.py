@@ -25,6 +25,8 @@ from embedserve.http.embed_call import (
     state,
     timing_headers,
 )
+from embedserve.http.openai_api import openai_routes
+from embedserve.http.openapi import openapi_json
 from embedserve.http.prometheus import prometheus_answer
 from embedserve.http.responses import JSONResponse, error_response
 from embedserve.http.schemas import (
@@ -33,17 +35,13 @@ from embedserve.http.schemas import (
     check_texts,
     validate,
 )
-from embedserve.http.tei_api import embed_inputs
+from embedserve.http.swagger import docs_routes
+from embedserve.http.tei_api import embed_inputs, tei_routes
 from embedserve.settings import Settings
 
 
 def routes() -> list[BaseRoute]:
     """Every route of the API."""
-    from embedserve.http.openai_api import openai_routes
-    from embedserve.http.openapi import openapi_json  # here: it imports this module's handlers
-    from embedserve.http.swagger import docs_routes
-    from embedserve.http.tei_api import tei_routes
-
     # The router tries routes in order: the embedding endpoints, the busy ones, come first.
     embeddings, *openai_rest = openai_routes()
     return [
@@ -85,7 +83,7 @@ async def embed(request: Request) -> Response:
     body = validate(EmbedRequest, data)
     model = _model_name(settings, body.model_name)
     [text] = check_texts(
-        [body.text], max_length=settings.max_text_length, truncate=body.truncate, field="text"
+        [body.text], max_length=settings.max_text_chars, truncate=body.truncate, field="text"
     )
     try:
         lane = choose_lane(request, 1, priority=body.priority)
@@ -120,7 +118,7 @@ async def embed_batch(request: Request) -> Response:
     body = validate(BatchEmbedRequest, data)
     model = _model_name(settings, body.model_name)
     texts = check_texts(
-        body.texts, max_length=settings.max_text_length, truncate=body.truncate, field="texts"
+        body.texts, max_length=settings.max_text_chars, truncate=body.truncate, field="texts"
     )
     try:
         lane = choose_lane(request, len(texts), priority=body.priority, bulk=True)
@@ -143,7 +141,7 @@ def _cache_info(settings: Settings, registry: ModelRegistry) -> dict[str, Any]:
         "cached_models": len(loaded),
         "max_cached_models": settings.max_cached_models,
         "model_names": [m.name for m in loaded],
-        "ttl_seconds": settings.model_cache_ttl,
+        "ttl_seconds": settings.model_cache_ttl_s,
     }
 
 
@@ -243,7 +241,7 @@ async def list_models(request: Request) -> Response:
             "required_models": settings.required_models,
             "cached_models": [m.name for m in registry.loaded()],
             "allowed_models": settings.allowed_models or None,
-            "local_models": [m.name for m in registry.store.list()],
+            "local_models": registry.local_models(),
         }
     )
 

@@ -115,9 +115,7 @@ def _inputs(value: Any, truncate: bool, settings: Settings) -> list[str]:
     texts = string_or_list(
         value, field="inputs", max_items=settings.max_batch_size, too_many=TooManyInputs
     )
-    return check_texts(
-        texts, max_length=settings.max_text_length, truncate=truncate, field="inputs"
-    )
+    return check_texts(texts, max_length=settings.max_text_chars, truncate=truncate, field="inputs")
 
 
 def _check_dimensions(model: str, requested: int, native: int) -> None:

@@ -10,13 +10,13 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedserve.http.middleware.client_addr import client_address, parse_networks
+from embedserve.http.middleware.client_addr import client_host
 from embedserve.http.middleware.request_id import HEADER, SCOPE_KEY, request_id
 
 ACCESS_LOGGER = logging.getLogger("embedserve.access")
@@ -44,12 +44,13 @@ class AccessLog:
 
     Each HTTP request is stamped with its arrival time (``time.monotonic()``, in the scope
     under `ARRIVED_AT`), so that draining can tell old requests from new, and gets an id
-    (`requestid.request_id`), stored in the scope under `requestid.SCOPE_KEY` and sent back
+    (`request_id.request_id`), stored in the scope under `request_id.SCOPE_KEY` and sent back
     as ``X-Request-ID`` on every answer, errors and middleware refusals included. Once the
     answer is sent (or the request failed), it calls `on_request` and writes one INFO line
     to ``embedserve.access``: method, path, status, duration_ms, model and texts (when the
-    handler set them), error_type, request_id and client (X-Forwarded-For only from
-    `trusted_proxies`). The error type is read from the error body, which every error has.
+    handler set them), error_type, request_id and client (`client_addr.client_host`: behind
+    a trusted proxy, the client it forwarded for). The error type is read from the error
+    body, which every error has.
     """
 
     def __init__(
@@ -59,7 +60,6 @@ class AccessLog:
         log: bool = True,
         on_request: RequestHook | None = None,
         static_paths: frozenset[str] = frozenset(),
-        trusted_proxies: Iterable[str] = (),
     ) -> None:
         self.app = app
         self._log = log
@@ -67,7 +67,6 @@ class AccessLog:
         # Requests answered before routing (rate limits) are counted under their path only
         # when it is one of these, so the endpoint label stays bounded.
         self._static_paths = static_paths
-        self._trusted = parse_networks(trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -108,8 +107,7 @@ class AccessLog:
             if self._on_request is not None:
                 self._on_request(self._endpoint(scope), status, seconds, error_type)
             if self._log and ACCESS_LOGGER.isEnabledFor(logging.INFO):
-                client = client_address(scope, self._trusted)
-                _write(scope, rid, status, seconds, error_type, client)
+                _write(scope, rid, status, seconds, error_type, client_host(scope))
 
     def _endpoint(self, scope: Scope) -> str:
         route = scope.get("route")
@@ -138,7 +136,7 @@ def _write(
     if error_type is not None:
         fields["error_type"] = error_type
     fields["request_id"] = rid
-    fields["client"] = client
+    fields["client"] = _printable(client)  # a trusted proxy's X-Forwarded-For may hold any text
     # `Logger.info` would also walk the stack for the caller's file and line, which no
     # formatter here shows; the record is otherwise the one `info` makes.
     record = ACCESS_LOGGER.makeRecord(

@@ -1,10 +1,12 @@
 """API keys: ``Authorization: Bearer <key>`` on every endpoint but liveness, readiness, preflight.
 
-Keys come from API_KEYS and API_KEYS_FILE; with none, authentication is off. The middleware
-keeps only keyed digests of the keys, compares the presented key against every one of them
-with `hmac.compare_digest` (no early exit, so timing does not tell which key matched or how
-much of one), and never puts a key into a response or a log line. An accepted request
-carries ``scope[API_KEY_ID]``, a digest of its key, for the rate limiter to key buckets by.
+The keys are handed in (`Settings.accepted_api_keys`: API_KEYS and API_KEYS_FILE, checked, and
+the file read, once by the settings); with none, authentication is off. The middleware keeps
+only keyed digests of the keys, compares the presented key against every one of them with
+`hmac.compare_digest` (no early exit, so timing does not tell which key matched or how much
+of one), and never puts a key into a response or a log line. An accepted request
+carries ``scope[API_KEY_ID]``, a digest of its key, for the rate limiter to key buckets by,
+and ``scope[BULK_ONLY]`` when its key is one of BULK_ONLY_API_KEYS (priority lanes).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import ipaddress
 import logging
 import secrets
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from starlette.datastructures import Headers
@@ -31,48 +32,8 @@ logger = logging.getLogger(__name__)
 API_KEY_ID = "embedserve.api_key_id"
 BULK_ONLY = "embedserve.bulk_only"  # set on the scope for a key in BULK_ONLY_API_KEYS
 EXEMPT_PATHS = frozenset({"/health", "/ready"})
-MIN_KEY_LENGTH = 16
 REALM = 'Bearer realm="embedserve"'
 POLICY_VIOLATION = 1008  # WebSocket close code for a refused handshake (RFC 6455)
-
-
-def check_api_key(key: str) -> None:
-    """Raise ValueError (never quoting the key) unless `key` can be sent as a Bearer token."""
-    if len(key) < MIN_KEY_LENGTH:
-        raise ValueError(f"an API key is shorter than {MIN_KEY_LENGTH} characters")
-    if not all("!" <= ch <= "~" for ch in key) or "," in key:
-        raise ValueError("an API key holds a space, comma or non-ASCII character")
-
-
-def read_api_keys_file(path: Path) -> list[str]:
-    """The keys in `path`: one a line, blank lines and ``#`` comments skipped. Raises ValueError."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read the API keys file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ValueError("the API keys file is not UTF-8 text") from None
-    keys = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        key = line.strip()
-        if not key or key.startswith("#"):
-            continue
-        try:
-            check_api_key(key)
-        except ValueError as exc:
-            raise ValueError(f"line {number}: {exc}") from None
-        keys.append(key)
-    if not keys:
-        raise ValueError("the API keys file holds no keys (authentication would be off)")
-    return keys
-
-
-def load_api_keys(settings: Settings) -> list[str]:
-    """Every configured key: API_KEYS, then API_KEYS_FILE. Empty means authentication is off."""
-    keys = [secret.get_secret_value() for secret in settings.api_keys]
-    if settings.api_keys_file is not None:
-        keys += read_api_keys_file(settings.api_keys_file)
-    return keys
 
 
 class ApiKeyAuth:
@@ -83,7 +44,7 @@ class ApiKeyAuth:
     A WebSocket handshake without a valid key is closed before it is accepted (HTTP 403).
     """
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: Sequence[str], bulk_only: Sequence[str] = ()) -> None:
         if not keys:
             raise ValueError("ApiKeyAuth needs at least one key")
         self.app = app
@@ -91,6 +52,8 @@ class ApiKeyAuth:
         # not a plain hash that a dump of the bucket table could be checked against.
         self._secret = secrets.token_bytes(32)
         self._digests = tuple(self._digest(key.encode()) for key in keys)
+        # Keys whose requests run in the bulk lane only (BULK_ONLY_API_KEYS).
+        self._bulk_only = frozenset(self._digest(key.encode()) for key in bulk_only)
 
     def _digest(self, key: bytes) -> bytes:
         return hmac.new(self._secret, key, hashlib.sha256).digest()
@@ -115,6 +78,8 @@ class ApiKeyAuth:
             await self._refuse(scope, receive, send, presented)
             return
         scope[API_KEY_ID] = digest.hex()
+        if digest in self._bulk_only:
+            scope[BULK_ONLY] = True
         await self.app(scope, receive, send)
 
     async def _refuse(
@@ -165,7 +130,7 @@ def _is_preflight(scope: Scope) -> bool:
 
 def exposure_warning(settings: Settings) -> str | None:
     """The start-up warning for a server reachable beyond this machine with no API keys."""
-    if settings.api_keys or settings.api_keys_file is not None or _is_loopback(settings.host):
+    if settings.accepted_api_keys or _is_loopback(settings.host):
         return None
     return (
         f"listening on {settings.host} with no API keys: anyone who can reach this port can "

@@ -1,83 +1,57 @@
 """The client's address: the socket peer, or X-Forwarded-For when that peer is a trusted proxy.
 
-Forwarded headers are written by whoever sent the request, so they are believed only when
-the direct peer is in TRUSTED_PROXIES. Each proxy appends the address it saw, so the chain
-is read from the right: the first address that is not itself a trusted proxy is the client.
-Anything to its left was supplied by the client and is ignored.
+`behind_proxies` puts uvicorn's `ProxyHeadersMiddleware` outermost, trusting TRUSTED_PROXIES
+only: it reads the X-Forwarded-For chain from the right and puts the first address that is
+not itself a trusted proxy into ``scope["client"]`` (what the client forged to its left is
+ignored); it also believes such a proxy's X-Forwarded-Proto. Every later layer, the rate
+limiter and the access log included, reads that one answer through `client_host`.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
-from starlette.types import Scope
+from starlette.types import ASGIApp, Scope
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def parse_networks(items: Iterable[str]) -> tuple[IPNetwork, ...]:
-    """IPs or CIDRs as networks (a bare IP is a /32 or /128). Raises ValueError naming one."""
-    return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in items)
+def behind_proxies(app: ASGIApp, trusted: Sequence[IPNetwork]) -> ASGIApp:
+    """`app` seeing the forwarded client when the peer is in `trusted`; `app` itself if empty."""
+    if not trusted:
+        return app
+    hosts = [str(network) for network in trusted]
+    # A dual-stack socket shows an IPv4 peer as ::ffff:a.b.c.d, which uvicorn compares as an
+    # IPv6 address: each IPv4 network is trusted in that spelling too.
+    hosts += [
+        f"::ffff:{network.network_address}/{96 + network.prefixlen}"
+        for network in trusted
+        if network.version == 4
+    ]
+    # uvicorn types the ASGI messages with its own TypedDicts, Starlette as plain mappings.
+    return cast(ASGIApp, ProxyHeadersMiddleware(cast(Any, app), trusted_hosts=hosts))
 
 
-def parse_address(text: str) -> IPAddress | None:
-    """An address from a header or socket (``1.2.3.4:80`` and ``[::1]:80`` too); None if not one.
-
-    IPv4-mapped IPv6 addresses (``::ffff:10.0.0.1``, from dual-stack sockets) become IPv4,
-    so one TRUSTED_PROXIES entry matches both spellings.
-    """
-    text = text.strip()
-    if text.startswith("["):
-        text = text[1:].partition("]")[0]
-    elif text.count(":") == 1:
-        text = text.partition(":")[0]
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def client_address(scope: Scope, trusted: Sequence[IPNetwork] = ()) -> str:
-    """The client's address for this request, or ``"unknown"`` when the server has none."""
+def client_host(scope: Scope) -> str:
+    """The client's address (IPv4-mapped IPv6 as IPv4), or ``"unknown"`` when there is none."""
     client = scope.get("client")
     if not client:
         return "unknown"
-    peer, shown = _peer(str(client[0]))
-    if peer is None or not _is_trusted(peer, trusted):
-        return shown
-    chosen = peer
-    for hop in reversed(_forwarded_for(scope)):
-        address = parse_address(hop)
-        if address is None:
-            break  # a trusted proxy would not write this: stop at the last hop we can vouch for
-        chosen = address
-        if not _is_trusted(address, trusted):
-            break
-    return str(chosen)
+    return _canonical(str(client[0]))
 
 
 @functools.lru_cache(maxsize=4096)
-def _peer(host: str) -> tuple[IPAddress | None, str]:
-    """The socket peer parsed, and as logged. Cached: a keep-alive connection sends many
-    requests from one address, and parsing it is most of this module's time."""
-    address = parse_address(host)
-    return address, host if address is None else str(address)
-
-
-def _is_trusted(address: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
-    return any(address in network for network in trusted)
-
-
-def _forwarded_for(scope: Scope) -> list[str]:
-    """Every X-Forwarded-For entry, left to right, across repeated headers."""
-    hops: list[str] = []
-    for key, value in scope.get("headers", []):
-        if key == b"x-forwarded-for":
-            hops.extend(part for part in value.decode("latin-1").split(",") if part.strip())
-    return hops
+def _canonical(host: str) -> str:
+    """`host` in one spelling per address; what is not an address, as it is. Cached: a
+    keep-alive connection sends many requests from one address."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)

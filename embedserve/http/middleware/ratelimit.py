@@ -2,7 +2,7 @@
 
 A client is its API key when keys are on (bucketed by the digest `ApiKeyAuth` leaves in the
 scope, never the key), else its address: the socket peer, or X-Forwarded-For from a trusted
-proxy (see `clientaddr`). IPv6 clients share a bucket per /64, the block one subscriber gets.
+proxy (see `client_addr`). IPv6 clients share a bucket per /64, the block one subscriber gets.
 Runs after authentication, so refused requests never spend a key's budget. Liveness,
 readiness and metrics endpoints are exempt.
 
@@ -19,13 +19,13 @@ import ipaddress
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedserve.http.middleware.auth import API_KEY_ID
-from embedserve.http.middleware.client_addr import client_address, parse_networks
+from embedserve.http.middleware.client_addr import client_host
 from embedserve.http.responses import error_response
 
 EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -89,12 +89,9 @@ class TokenBuckets:
 class RateLimit:
     """Refuse a client's request with 429 once its bucket is empty; label every other answer."""
 
-    def __init__(
-        self, app: ASGIApp, buckets: TokenBuckets, trusted_proxies: Iterable[str] = ()
-    ) -> None:
+    def __init__(self, app: ASGIApp, buckets: TokenBuckets) -> None:
         self.app = app
         self.buckets = buckets
-        self.trusted = parse_networks(trusted_proxies)
         # The headers that depend only on the settings, built once.
         self._fixed_headers = {
             "RateLimit-Limit": str(buckets.capacity),
@@ -106,7 +103,7 @@ class RateLimit:
         key_id = scope.get(API_KEY_ID)
         if key_id is not None:
             return f"key:{key_id}"
-        address = client_address(scope, self.trusted)
+        address = client_host(scope)
         try:
             parsed = ipaddress.ip_address(address)
         except ValueError:
