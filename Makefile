@@ -100,8 +100,8 @@ test-image: $(VENV)/.installed $(MODEL_STAMP)
 	MODELS_DIR=$(MODELS_DIR) PYTHON=$(BIN)/python scripts/image/test_image.sh
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check embedserve tests scripts bench loadtests examples
-	$(BIN)/ruff format --check embedserve tests scripts bench loadtests examples
+	$(BIN)/ruff check embedserve devkit tests scripts bench loadtests examples
+	$(BIN)/ruff format --check embedserve devkit tests scripts bench loadtests examples
 	$(BIN)/mypy
 	$(BIN)/mypy --follow-imports=silent bench
 	$(BIN)/hadolint Dockerfile

@@ -13,8 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import machine_busy_s
-from bench.stats import percentile
+from devkit.procfs import machine_busy_s
+from devkit.stats import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSIONED = (

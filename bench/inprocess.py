@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from bench.schedules import Schedule, fixed_batches, padded_schedules, slot_tokens
-from bench.stats import percentile
+from devkit.stats import percentile
 
 
 class Embedder(Protocol):

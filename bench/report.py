@@ -96,7 +96,7 @@ def _facts(results: dict[str, Any]) -> str:
         f"{', '.join(MODE_NAMES[m] for m in BATCH_MODES)}) with {config['batch_group']} "
         f"texts per request at {', '.join(map(str, config['batch_levels'])) or 'no'} clients; "
         f"{config['warmup_s']:g} s of 64-client warm-up per server and corpus, unmeasured.",
-        "- Load generator: a separate process (`bench/loadgen.py`), raw HTTP/1.1 keep-alive "
+        "- Load generator: a separate process (`devkit/loadclient.py`), raw HTTP/1.1 keep-alive "
         "connections on asyncio/uvloop with pre-built requests; its CPU time is in the tables "
         "next to the server's. Mean batch size and fill (real tokens / token slots computed, "
         "padding included) are from `/metrics` deltas around each run. Server CPU per "

@@ -34,8 +34,8 @@ if str(ROOT) not in sys.path:
 
 from bench import inprocess, report  # noqa: E402
 from bench.facts import describe, load_corpus, machine_facts, own_cpu_s  # noqa: E402
-from bench.loadgen import machine_busy_s, other_cpu_s  # noqa: E402
 from bench.schedules import interleave, packed_schedules, padded_schedules  # noqa: E402
+from devkit.procfs import machine_busy_s, other_cpu_s  # noqa: E402
 
 CORPORA = ("mixed", "short")
 # The servers of a run, by mode: the settings each adds to the run's own (`--server-env`).
@@ -273,10 +273,10 @@ class Run:
     def in_process(self, texts_by_name: dict[str, list[str]]) -> None:
         """The ceiling and single-call latency of both backends for each corpus; the models
         are freed after."""
+        from devkit.launcher import DEFAULT_MODEL, model_manifest, models_dir
         from embedserve.engine.backend import load_local
         from embedserve.engine.packed import load_packed
         from embedserve.models.store import ModelStore
-        from tests.serverutil import DEFAULT_MODEL, model_manifest, models_dir
 
         manifest = ModelStore(models_dir()).get(DEFAULT_MODEL)
         if manifest is None:
@@ -368,7 +368,7 @@ class Run:
     def servers(self) -> Iterator[dict[str, Any]]:
         """Every server of `SERVER_MODES`, up at once until the block ends (then stopped)."""
         from bench.server import runs_packed
-        from tests.serverutil import running_server
+        from devkit.launcher import running_server
 
         base = dict(self.config.server_env)
         with contextlib.ExitStack() as stack:
@@ -387,8 +387,8 @@ class Run:
 
     def server_runs(self, servers: dict[str, Any]) -> None:
         """Every `server_steps` step: each mode in turn, warm-ups before a corpus's first."""
-        from bench.loadgen import run_load
         from bench.server import load_spec, measure
+        from devkit.loadclient import run_load
 
         config = self.config
         warm: set[str] = set()

@@ -1,13 +1,15 @@
 """The real server under load: one measured run, its /metrics deltas, CPU and memory.
 
-The server is started by `tests.serverutil.running_server` (a subprocess on a free loopback
+The server is started by `devkit.launcher.running_server` (a subprocess on a free loopback
 port); this module only measures it. RSS is sampled from /proc by a thread of this process
-while the load generator (another process) drives the server; the generator reads the
-server's CPU (whole process and main thread, from /proc) just before and after its load.
+while the load client (`devkit.loadclient`, another process) drives the server; the client
+reads the server's CPU (whole process and main thread, from /proc) just before and after its
+load.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -17,8 +19,8 @@ from typing import Any
 
 import httpx
 
-from bench.loadgen import LoadSpec, run_load
 from bench.stats import ratio, rss_trend
+from devkit.loadclient import LoadSpec, run_load, text_bodies
 
 COUNTERS = ("batches", "texts", "real_tokens", "slot_tokens")
 
@@ -130,7 +132,9 @@ def load_spec(
     endpoint: str = "embed",
     group: int = 32,
 ) -> LoadSpec:
-    """A spec for `server`: by count (`max_requests`), by time (`duration_s`), or both."""
+    """A spec for `server` sending the texts of the JSON list at `texts_path` to `endpoint`
+    (``embed`` or ``batch``, `group` texts a request): by count (`max_requests`), by time
+    (`duration_s`), or both. A 429 is counted and not waited on: the load stays closed-loop."""
     if max_requests is None and duration_s is None:
         raise ValueError("a load run needs max_requests or duration_s")
     if duration_s is None:
@@ -138,17 +142,24 @@ def load_spec(
         deadline_s = 60.0 + 0.25 * max_requests
     else:
         deadline_s = duration_s + 120.0
+    path, bodies = text_bodies(json.loads(texts_path.read_text()), endpoint, group=group)
     return LoadSpec(
         port=server.port,
-        texts_path=str(texts_path),
+        path=path,
+        bodies=bodies,
         clients=clients,
-        max_requests=max_requests if max_requests is not None else 10_000_000,
+        max_requests=max_requests,
         duration_s=duration_s,
         deadline_s=deadline_s,
-        endpoint=endpoint,
-        group=group,
+        retry_after_cap_s=0.0,
         server_pid=server.pid,
     )
+
+
+def texts_per_request(spec: LoadSpec) -> int:
+    """How many texts each request of `spec` carries (``/embed/batch``: its group)."""
+    body = spec.bodies[0] if spec.bodies else {}
+    return len(body["texts"]) if "texts" in body else 1
 
 
 def measure(server: Any, spec: LoadSpec, rss_interval_s: float = 0.5) -> dict[str, Any]:
@@ -158,34 +169,33 @@ def measure(server: Any, spec: LoadSpec, rss_interval_s: float = 0.5) -> dict[st
     with RssSampler(server.pid, rss_interval_s) as rss:
         raw = run_load(spec)
     batching = batching_deltas(before, counters(server.base_url))
-    per_request = spec.group if spec.endpoint == "batch" else 1
-    latency = raw["latency_ms"]
-    total_cpu, loop_cpu = raw["server_cpu_s"], raw.get("server_loop_cpu_s")
+    latency_ms = {key: value * 1000 for key, value in raw.latency_200_s.items()}
+    total_cpu, loop_cpu = raw.server_cpu_s, raw.server_loop_cpu_s
     threads_cpu = None if total_cpu is None or loop_cpu is None else total_cpu - loop_cpu
     return {
-        "endpoint": spec.endpoint,
+        "endpoint": "batch" if spec.path == "/embed/batch" else "embed",
         "clients": spec.clients,
-        "requests": raw["sent"],
-        "ok": raw["ok"],
-        "errors": raw["errors"],
-        "statuses": raw["statuses"],
-        "timed_out": raw["timed_out"],
-        "wall_s": raw["wall_s"],
-        "embeddings_per_s": raw["ok"] * per_request / raw["wall_s"] if raw["wall_s"] else 0.0,
-        "p50_ms": latency["p50"],
-        "p95_ms": latency["p95"],
-        "p99_ms": latency["p99"],
+        "requests": raw.attempts,
+        "ok": raw.ok,
+        "errors": raw.errors,
+        "statuses": raw.outcomes,
+        "timed_out": raw.timed_out,
+        "wall_s": raw.wall_s,
+        "embeddings_per_s": raw.ok * texts_per_request(spec) / raw.wall_s if raw.wall_s else 0.0,
+        "p50_ms": latency_ms["p50"],
+        "p95_ms": latency_ms["p95"],
+        "p99_ms": latency_ms["p99"],
         "mean_batch": batching["mean_batch"],
         "fill": batching["fill"],
         "real_tokens": batching["real_tokens"],
         "slot_tokens": batching["slot_tokens"],
         "server_cpu_s": total_cpu,
         "server_loop_cpu_s": loop_cpu,
-        "loop_cpu_ms": ms_per_request(loop_cpu, raw["ok"]),
-        "threads_cpu_ms": ms_per_request(threads_cpu, raw["ok"]),
-        "server_cpu_ms": ms_per_request(total_cpu, raw["ok"]),
-        "client_cpu_s": raw["client_cpu_s"],
-        "other_cpu_s": raw["other_cpu_s"],
+        "loop_cpu_ms": ms_per_request(loop_cpu, raw.ok),
+        "threads_cpu_ms": ms_per_request(threads_cpu, raw.ok),
+        "server_cpu_ms": ms_per_request(total_cpu, raw.ok),
+        "client_cpu_s": raw.client_cpu_s,
+        "other_cpu_s": raw.other_cpu_s,
         "rss_max_mb": rss.max_mb,
     }
 
@@ -201,16 +211,16 @@ def soak(
     samples = [mb for _, mb in rss.samples]
     return {
         "clients": clients,
-        "duration_s": raw["wall_s"],
-        "requests": raw["sent"],
-        "errors": raw["errors"],
-        "statuses": raw["statuses"],
-        "embeddings_per_s": raw["ok"] / raw["wall_s"] if raw["wall_s"] else 0.0,
-        "p50_ms": raw["latency_ms"]["p50"],
-        "p99_ms": raw["latency_ms"]["p99"],
-        "server_cpu_s": raw["server_cpu_s"],
-        "client_cpu_s": raw["client_cpu_s"],
-        "other_cpu_s": raw["other_cpu_s"],
+        "duration_s": raw.wall_s,
+        "requests": raw.attempts,
+        "errors": raw.errors,
+        "statuses": raw.outcomes,
+        "embeddings_per_s": raw.ok / raw.wall_s if raw.wall_s else 0.0,
+        "p50_ms": raw.latency_200_s["p50"] * 1000,
+        "p99_ms": raw.latency_200_s["p99"] * 1000,
+        "server_cpu_s": raw.server_cpu_s,
+        "client_cpu_s": raw.client_cpu_s,
+        "other_cpu_s": raw.other_cpu_s,
         "interval_s": interval_s,
         "samples": [[round(t, 2), round(mb, 2)] for t, mb in rss.samples],
         **rss_trend(samples),

@@ -1,37 +1,10 @@
-"""Pure figure helpers shared by the load generator, the harness and the report."""
+"""Pure figure helpers of the harness and the report (the percentile is `devkit.stats`'s)."""
 
 from __future__ import annotations
 
 import math
 import statistics
 from collections.abc import Iterable, Sequence
-
-
-def percentile(values: Iterable[float], q: float) -> float:
-    """The `q`-th percentile (0..100) by linear interpolation between closest ranks, as
-    numpy's default method; NaN for no values."""
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile {q} is outside 0..100")
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def latency_summary(latencies_ms: Sequence[float]) -> dict[str, float]:
-    """p50/p95/p99/max/mean of `latencies_ms` (NaN when there are none)."""
-    if not latencies_ms:
-        return {key: math.nan for key in ("p50", "p95", "p99", "max", "mean")}
-    return {
-        "p50": percentile(latencies_ms, 50),
-        "p95": percentile(latencies_ms, 95),
-        "p99": percentile(latencies_ms, 99),
-        "max": max(latencies_ms),
-        "mean": statistics.fmean(latencies_ms),
-    }
 
 
 def finite(values: Iterable[float | None]) -> list[float]:

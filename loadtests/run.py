@@ -9,7 +9,8 @@ From the repository root (``make loadtest`` calls this)::
 
 Without ``--host`` it starts ``python -m embedserve serve --host 127.0.0.1 --port <free>``
 with this environment (so server settings such as ``BATCH_MAX_TEXTS=32`` apply), waits for
-``/health``, and stops it with SIGTERM (SIGKILL past a bound) once Locust is done. Every wait
+``/health``, and stops it with SIGTERM (SIGKILL past a bound) once Locust is done: devkit's
+launcher (`devkit.launcher.running_server`) does all three. Every wait
 is bounded. Reports go to ``<reports-dir>/<timestamp>/``: Locust's ``loadtest_stats.csv``,
 ``loadtest_failures.csv``, ``loadtest_exceptions.csv``, ``loadtest_stats_history.csv`` and
 ``report.html``, plus ``run.json`` (the parameters), ``metrics.json`` (the server's
@@ -24,10 +25,8 @@ import argparse
 import contextlib
 import csv
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from devkit.launcher import ServerError, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -44,11 +45,6 @@ STARTUP_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 45.0  # past the server's default 30 s shutdown grace
 LOCUST_STOP_TIMEOUT_S = 10  # Locust's --stop-timeout: in-flight requests finish, bounded
 LOCUST_MARGIN_S = 120.0  # Locust start-up and report writing, beyond the run and the ramp
-START_ATTEMPTS = 3
-
-
-class ServerFailed(RuntimeError):
-    """The local server did not become healthy."""
 
 
 class Terminated(Exception):
@@ -62,14 +58,6 @@ def parse_timespan(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a time span: {text!r} (e.g. 60s, 2m, 1h30m)")
     hours, minutes, seconds = (int(part or 0) for part in found.groups())
     return hours * 3600 + minutes * 60 + seconds
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
@@ -94,49 +82,24 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
             proc.wait(timeout=10)
 
 
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        if http_get(f"{url}/health", timeout_s=2.0)[0] == 200:
-            return True
-        time.sleep(0.2)
-    return False
-
-
 @contextlib.contextmanager
 def local_server(log_path: Path) -> Iterator[str]:
-    """Start the server on a free loopback port, yield its URL once healthy, stop it on exit.
-
-    A port taken between choosing and binding it is retried (`START_ATTEMPTS`). Raises
-    ServerFailed, naming the log, when the server does not become healthy.
-    """
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for attempt in range(1, START_ATTEMPTS + 1):
-        port = free_port()
-        command = [sys.executable, "-m", "embedserve", "serve"]
-        command += ["--host", "127.0.0.1", "--port", str(port)]
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C reaches us, and we stop it in order
-            )
+    """Start the server on a free loopback port with our environment (its settings apply),
+    yield its URL once healthy, stop it on exit. Raises ServerError, with the log's tail,
+    when it does not become healthy."""
+    print(f"loadtest: starting a server on a free loopback port; log {log_path}")
+    with running_server(
+        inherit_settings=True,
+        log_file=log_path,
+        startup_timeout_s=STARTUP_TIMEOUT_S,
+        stop_timeout_s=STOP_TIMEOUT_S,
+    ) as server:
+        print(f"loadtest: server pid {server.pid} healthy on {server.base_url}")
         try:
-            url = f"http://127.0.0.1:{port}"
-            print(f"loadtest: started server pid {proc.pid} on {url}; waiting for /health")
-            if _wait_healthy(proc, url, STARTUP_TIMEOUT_S):
-                yield url
-                return
-            in_use = "address already in use" in log_path.read_text(errors="replace").lower()
-            if not (in_use and attempt < START_ATTEMPTS):
-                raise ServerFailed(f"server not healthy within {STARTUP_TIMEOUT_S:g}s")
+            yield server.base_url
         finally:
-            _stop(proc, STOP_TIMEOUT_S)
-            print(f"loadtest: server pid {proc.pid} stopped (exit status {proc.returncode})")
+            print(f"loadtest: stopping server pid {server.pid}")
+    print(f"loadtest: server pid {server.pid} stopped (exit status {server.proc.returncode})")
 
 
 def locust_command(args: argparse.Namespace, host: str, out: Path, extra: list[str]) -> list[str]:
@@ -256,8 +219,8 @@ def run(args: argparse.Namespace, extra: list[str], out: Path) -> int:
         if not host:
             try:
                 host = stack.enter_context(local_server(out / "server.log"))
-            except ServerFailed as exc:
-                print(f"loadtest: {exc}; see {out / 'server.log'}", file=sys.stderr)
+            except ServerError as exc:
+                print(f"loadtest: {exc}", file=sys.stderr)
                 return 2
         stack.callback(_save_metrics, host, out)  # runs before the server is stopped
         command = locust_command(args, host, out, extra)

@@ -1,11 +1,12 @@
 """Event-loop CPU per request: the server's own cost, thread by thread, under closed-loop load.
 
 Not a test: it reports figures and asserts nothing. Each run starts the real server
-(``embedserve serve``) on a free 127.0.0.1 port with the settings given, waits until it is
-healthy, drives it from a separate load process (N keep-alive HTTP/1.1 clients, one text per
-request, texts from a load-test corpus), then stops it with SIGTERM. Over the measured window
-(after a warm-up) it reads every server thread's CPU time (utime + stime in
-``/proc/PID/task/TID/stat``) and reports, per completed request:
+(``embedserve serve``, by `devkit.launcher`) on a free 127.0.0.1 port with the settings given,
+waits until it is healthy, drives it from a separate load process (`devkit.loadclient`: N
+keep-alive HTTP/1.1 clients, one text per request, texts from a load-test corpus), then stops
+it with SIGTERM. After a warm-up run, the measured run's client reads every server thread's
+CPU time (utime + stime in ``/proc/PID/task/TID/stat``) just before and after its load; the
+report gives, per completed request:
 
 - ``loop``: the main thread (TID == PID), which runs the event loop: HTTP parsing, routing,
   handlers, the batcher's loop, response rendering;
@@ -40,7 +41,6 @@ From the repository root::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import itertools
 import json
@@ -50,17 +50,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+from devkit.launcher import DEFAULT_MODEL, ServerProcess, running_server  # noqa: E402
+from devkit.loadclient import LoadResult, LoadSpec, run_load, text_bodies  # noqa: E402
+
 ENDPOINTS = ("embed", "v1")
 GROUPS = ("loop", "workers", "native", "other", "total")
 WORKER_THREAD_NAME = "AnyIO worker thread"
@@ -69,6 +71,7 @@ NULL_MODEL_ENV = "LOOPCPU_NULL_MODEL"
 MAX_REQUEST_S = 60.0
 STARTUP_S = 120.0
 STOP_S = 30.0
+_run_numbers = itertools.count()
 
 
 # -- the server, under a wrapper that records its Python threads ---------------------------
@@ -123,111 +126,29 @@ class NullModel:
         return np.tile(self._row, (len(texts), 1))
 
 
-@dataclass
-class Server:
-    """One server process on a loopback port; owns the process, its log and thread file."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-    threads_path: Path
-
-    def wait_healthy(self, timeout_s: float) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited; log {self.log_path}:\n{self._tail()}")
-                try:
-                    if client.get("/health").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-        raise RuntimeError(f"server not healthy in {timeout_s:g}s; log:\n{self._tail()}")
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL past a bound (this process only, never a group)."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=STOP_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def _tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-
-def start_server(
+@contextlib.contextmanager
+def running_traced(
     tree: Path, settings: dict[str, str], workdir: Path, *, null_model: bool = False
-) -> Server:
-    """Start the server from `tree` with env `settings` on top of the tests' defaults."""
-    from tests.serverutil import free_port, python_executable, server_env
-
-    port = free_port()
-    log_path = workdir / f"server-{port}.log"
-    threads_path = workdir / f"threads-{port}.tsv"
-    env = server_env(settings)
-    env[THREADS_FILE_ENV] = str(threads_path)
+) -> Iterator[tuple[ServerProcess, Path]]:
+    """The server from `tree` with env `settings` on top of the launcher's defaults, under
+    `serve_traced`; yields it and the file its Python threads are recorded in."""
+    threads_path = workdir / f"threads-{next(_run_numbers)}.tsv"
+    env = {**settings, THREADS_FILE_ENV: str(threads_path)}
     if null_model:
         env[NULL_MODEL_ENV] = "1"
-    command = [
-        python_executable(),
-        str(Path(__file__).resolve()),
-        "_serve",
-        str(tree),
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            command,
-            cwd=tree,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(proc, port, log_path, threads_path)
-    try:
-        server.wait_healthy(STARTUP_S)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    command = [sys.executable, str(Path(__file__).resolve()), "_serve", str(tree)]
+    with running_server(
+        env,
+        command=command,
+        cwd=tree,
+        log_dir=workdir,
+        startup_timeout_s=STARTUP_S,
+        stop_timeout_s=STOP_S,
+    ) as server:
+        yield server, threads_path
 
 
 # -- per-thread CPU --------------------------------------------------------------------------
-def _ticks(stat_path: str) -> int | None:
-    try:
-        with open(stat_path) as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-
-
-def thread_ticks(pid: int) -> dict[int, int]:
-    """CPU ticks of every live thread of `pid`, plus the whole process under key 0."""
-    ticks: dict[int, int] = {}
-    whole = _ticks(f"/proc/{pid}/stat")
-    if whole is not None:
-        ticks[0] = whole
-    for name in os.listdir(f"/proc/{pid}/task"):
-        value = _ticks(f"/proc/{pid}/task/{name}/stat")
-        if value is not None:
-            ticks[int(name)] = value
-    return ticks
-
-
 def python_threads(path: Path) -> dict[int, str]:
     """Native id -> name of the Python threads the wrapper recorded (the latest per id)."""
     names: dict[int, str] = {}
@@ -238,16 +159,11 @@ def python_threads(path: Path) -> dict[int, str]:
     return names
 
 
-def cpu_by_group(
-    pid: int, before: dict[int, int], after: dict[int, int], names: dict[int, str]
-) -> dict[str, float]:
-    """CPU seconds of each thread group between two `thread_ticks` samples."""
-    tick_s = 1 / os.sysconf("SC_CLK_TCK")
+def cpu_by_group(pid: int, result: LoadResult, names: dict[int, str]) -> dict[str, float]:
+    """CPU seconds of each thread group of server `pid` over the `result`'s load."""
     groups = dict.fromkeys(GROUPS, 0.0)
-    for tid, end in after.items():
-        if tid == 0:
-            continue
-        spent = (end - before.get(tid, 0)) * tick_s
+    for key, spent in result.server_threads_cpu_s.items():
+        tid = int(key)
         if tid == pid:
             groups["loop"] += spent
         elif tid not in names:
@@ -256,197 +172,63 @@ def cpu_by_group(
             groups["workers"] += spent
         else:
             groups["other"] += spent
-    groups["total"] = (after.get(0, 0) - before.get(0, 0)) * tick_s
+    groups["total"] = result.server_cpu_s or 0.0
     live = groups["loop"] + groups["workers"] + groups["native"] + groups["other"]
     groups["other"] += max(0.0, groups["total"] - live)  # threads that ended in the window
     return groups
 
 
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine spent busy so far (/proc/stat, all cores)."""
-    with open("/proc/stat") as stat:
-        fields = [int(x) for x in stat.readline().split()[1:9]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-# -- the load process ------------------------------------------------------------------------
-@dataclass
-class LoadSpec:
-    """One load run against a server (passed to the load process as JSON)."""
-
-    port: int
-    server_pid: int
-    threads_path: str
-    endpoint: str
-    clients: int
-    warmup_s: float
-    duration_s: float
-    max_requests: int | None
-    corpus: str
-    model: str = DEFAULT_MODEL
-
-
-def build_requests(spec: LoadSpec, texts: Sequence[str]) -> list[bytes]:
-    """Every request of the run as bytes, one text each, built before the clock starts."""
-    if spec.endpoint == "embed":
-        path, bodies = "/embed", [{"text": text} for text in texts]
-    elif spec.endpoint == "v1":
-        path, bodies = "/v1/embeddings", [{"input": t, "model": spec.model} for t in texts]
-    else:
-        raise ValueError(f"unknown endpoint {spec.endpoint!r}")
-    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{spec.port}\r\n"
-    head += "Content-Type: application/json\r\n"
-    requests = []
-    for body in bodies:
-        data = json.dumps(body).encode()
-        requests.append(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    return requests
-
-
-async def _read_response(reader: asyncio.StreamReader) -> int:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lower = head.lower()
-    marker = lower.find(b"\r\ncontent-length:")
-    if marker < 0:
-        raise ConnectionError("response without content-length")
-    end = lower.index(b"\r\n", marker + 2)
-    await reader.readexactly(int(lower[marker + 17 : end]))
-    if b"\r\nconnection: close" in lower:
-        raise ConnectionError("server closed the connection")
-    return int(head[9:12])
-
-
-async def batch_counters(port: int) -> tuple[int, int]:
+# -- the load ----------------------------------------------------------------------------------
+def batch_counters(base_url: str) -> tuple[int, int]:
     """(model batches run, texts embedded) so far, from the server's JSON ``/metrics``."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
-    try:
-        writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        answer = await asyncio.wait_for(reader.read(), MAX_REQUEST_S)
-    finally:
-        writer.close()
-    data = json.loads(answer.partition(b"\r\n\r\n")[2])
+    data = httpx.get(f"{base_url}/metrics", timeout=MAX_REQUEST_S).json()
     return int(data["batching"]["batches"]), int(data["total_embeddings"])
 
 
-@dataclass
-class _Window:
-    """What the clients saw while the window was open."""
+def measure(
+    server: ServerProcess, threads_path: Path, endpoint: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """A warm-up run, then one measured run against `server`, each in a load process."""
+    from loadtests.corpus import load
 
-    open: bool = False
-    stop: bool = False
-    latencies_ms: list[float] = field(default_factory=list)
-    statuses: dict[str, int] = field(default_factory=dict)
+    path, bodies = text_bodies(load(args.corpus), endpoint, model=DEFAULT_MODEL)
 
+    def spec(duration_s: float, max_requests: int | None, pid: int | None) -> LoadSpec:
+        return LoadSpec(
+            port=server.port,
+            path=path,
+            bodies=bodies,
+            clients=args.clients,
+            duration_s=duration_s,
+            max_requests=max_requests,
+            deadline_s=duration_s + 2 * MAX_REQUEST_S,
+            request_timeout_s=MAX_REQUEST_S,
+            retry_after_cap_s=0.0,
+            server_pid=pid,
+        )
 
-async def run_load(spec: LoadSpec, requests: list[bytes]) -> dict[str, Any]:
-    """Connect the clients, warm up, measure one window, and summarise it."""
-    window = _Window()
-    numbers = itertools.count()
-    connections = [
-        await asyncio.wait_for(asyncio.open_connection("127.0.0.1", spec.port), 10)
-        for _ in range(spec.clients)
-    ]
-    done_measuring = asyncio.Event()
-
-    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while not window.stop:
-                payload = requests[next(numbers) % len(requests)]
-                sent = time.perf_counter()
-                counted = window.open
-                writer.write(payload)
-                try:
-                    status = await asyncio.wait_for(_read_response(reader), MAX_REQUEST_S)
-                except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
-                    if counted and window.open:
-                        key = type(exc).__name__
-                        window.statuses[key] = window.statuses.get(key, 0) + 1
-                    return
-                if counted and window.open:
-                    window.statuses[str(status)] = window.statuses.get(str(status), 0) + 1
-                    window.latencies_ms.append((time.perf_counter() - sent) * 1000)
-                    if spec.max_requests and len(window.latencies_ms) >= spec.max_requests:
-                        done_measuring.set()
-        finally:
-            writer.close()
-
-    tasks = [asyncio.create_task(client(r, w)) for r, w in connections]
-    await asyncio.sleep(spec.warmup_s)
-    batches0, texts0 = await batch_counters(spec.port)
-    before, busy0, own0 = thread_ticks(spec.server_pid), machine_busy_s(), time.process_time()
-    wall0 = time.perf_counter()
-    window.open = True
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(done_measuring.wait(), spec.duration_s)
-    window.open = False
-    wall = time.perf_counter() - wall0
-    after, busy1, own1 = thread_ticks(spec.server_pid), machine_busy_s(), time.process_time()
-    window.stop = True
-    batches1, texts1 = await batch_counters(spec.port)
-    await asyncio.wait(tasks, timeout=MAX_REQUEST_S)
-    names = python_threads(Path(spec.threads_path))
-    cpu = cpu_by_group(spec.server_pid, before, after, names)
-    ok = window.statuses.get("200", 0)
-    latencies = sorted(window.latencies_ms) or [0.0]
+    if args.warmup > 0:
+        run_load(spec(args.warmup, None, None))
+    batches0, texts0 = batch_counters(server.base_url)
+    result = run_load(spec(args.duration, args.requests, server.pid))
+    batches1, texts1 = batch_counters(server.base_url)
+    cpu = cpu_by_group(server.pid, result, python_threads(threads_path))
+    ok, wall = result.ok, result.wall_s
     return {
-        "endpoint": spec.endpoint,
-        "requests": sum(window.statuses.values()),
+        "endpoint": endpoint,
+        "requests": result.attempts,
         "ok": ok,
-        "statuses": window.statuses,
+        "statuses": result.outcomes,
         "wall_s": wall,
-        "requests_per_s": ok / wall,
+        "requests_per_s": ok / wall if wall else 0.0,
         "cpu_s": cpu,
         "ms_per_request": {k: 1000 * v / ok if ok else 0.0 for k, v in cpu.items()},
         "mean_batch": (texts1 - texts0) / max(1, batches1 - batches0),
-        "load_cpu_s": own1 - own0,
-        "machine_other_cpu_s": max(0.0, busy1 - busy0 - cpu["total"] - (own1 - own0)),
-        "p50_ms": latencies[len(latencies) // 2],
-        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "load_cpu_s": result.client_cpu_s,
+        "machine_other_cpu_s": result.other_cpu_s or 0.0,
+        "p50_ms": result.latency_200_s["p50"] * 1000,
+        "p99_ms": result.latency_200_s["p99"] * 1000,
     }
-
-
-def load_main(spec_json: str) -> int:
-    """Entry point of the load process: a LoadSpec as JSON in, a summary JSON out."""
-    from loadtests.corpus import load
-
-    spec = LoadSpec(**json.loads(spec_json))
-    requests = build_requests(spec, load(spec.corpus))
-    try:
-        import uvloop
-
-        result = uvloop.run(run_load(spec, requests))
-    except ImportError:
-        result = asyncio.run(run_load(spec, requests))
-    print(json.dumps(result))
-    return 0
-
-
-def measure(server: Server, endpoint: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One measured window against `server`, run in a separate load process."""
-    spec = LoadSpec(
-        port=server.port,
-        server_pid=server.proc.pid,
-        threads_path=str(server.threads_path),
-        endpoint=endpoint,
-        clients=args.clients,
-        warmup_s=args.warmup,
-        duration_s=args.duration,
-        max_requests=args.requests,
-        corpus=args.corpus,
-    )
-    bound = args.warmup + args.duration + 2 * MAX_REQUEST_S
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "_load", json.dumps(asdict(spec))],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=bound,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"load process failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
 
 
 # -- reporting -------------------------------------------------------------------------------
@@ -568,7 +350,7 @@ def _tree_labels(trees: Sequence[Path]) -> dict[Path, str]:
 
 
 @contextlib.contextmanager
-def _profiled(server: Server, args: argparse.Namespace, name: str) -> Iterator[None]:
+def _profiled(server: ServerProcess, args: argparse.Namespace, name: str) -> Iterator[None]:
     """Record a py-spy flame graph of `server` while the block runs, if --py-spy asks."""
     if args.py_spy is None:
         yield
@@ -577,7 +359,7 @@ def _profiled(server: Server, args: argparse.Namespace, name: str) -> Iterator[N
     suffix = ".svg" if args.py_spy_format == "flamegraph" else ".txt"
     out = args.py_spy / (name.replace("/", "_").replace(":", "-") + suffix)
     seconds = int(args.warmup + args.duration) + 1
-    command = [args.py_spy_bin, "record", "--pid", str(server.proc.pid), "--duration", str(seconds)]
+    command = [args.py_spy_bin, "record", "--pid", str(server.pid), "--duration", str(seconds)]
     command += ["--nonblocking", "--threads", "--format", args.py_spy_format, "--output", str(out)]
     spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -593,8 +375,6 @@ def _profiled(server: Server, args: argparse.Namespace, name: str) -> Iterator[N
 def main(argv: Sequence[str]) -> int:
     if argv[:1] == ["_serve"]:
         return serve_traced(Path(argv[1]), argv[2:])
-    if argv[:1] == ["_load"]:
-        return load_main(argv[1])
     args = parse_args(argv)
     settings = dict(item.split("=", 1) for item in args.env)
     runs: list[tuple[str, dict[str, Any]]] = []
@@ -606,17 +386,17 @@ def main(argv: Sequence[str]) -> int:
             # first (the machine drifts).
             flip = round_number % 2 == 1
             for tree in args.tree[::-1] if flip else args.tree:
-                server = start_server(tree, settings, Path(workdir), null_model=args.null_model)
-                try:
+                with running_traced(tree, settings, Path(workdir), null_model=args.null_model) as (
+                    server,
+                    threads_path,
+                ):
                     for endpoint in args.endpoint[::-1] if flip else args.endpoint:
                         label = f"{labels[tree]}:{endpoint}"
                         with _profiled(server, args, f"{label}-{round_number}"):
-                            result = measure(server, endpoint, args)
+                            result = measure(server, threads_path, endpoint, args)
                         result["tree"], result["round"] = str(tree), round_number
                         runs.append((label, result))
                         print(_row(label, result), flush=True)
-                finally:
-                    server.stop()
     print()
     print(_header())
     print("\n".join(summarise(runs)))

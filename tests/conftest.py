@@ -20,7 +20,7 @@ from embedserve.models.store import ModelStore
 from embedserve.settings import Settings
 from tests.fakes import FakeLoader, GatedRunner
 from tests.reliability import Recorder, results_path
-from tests.serverutil import require_exported_model
+from tests.support import require_exported_model
 
 CATALOGUE = frozenset({"fake/a", "fake/b", "fake/c", "BAAI/bge-small-en-v1.5"})
 

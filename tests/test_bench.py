@@ -1,9 +1,8 @@
-"""The benchmark harness (`bench/`): its pure parts, its load generator against a stub HTTP
-server, and one quickest-mode run against the real model. Nothing here asserts a speed."""
+"""The benchmark harness (`bench/`): its pure parts and one quickest-mode run against the real
+model (its load client is devkit's: tests/test_loadclient.py). Nothing here asserts a speed."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import importlib.util
@@ -15,47 +14,25 @@ import random
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from bench import facts, figures, inprocess, loadgen, report, run, schedules, targets
+from bench import facts, figures, inprocess, report, run, schedules, targets
 from bench import server as bench_server
-from bench.stats import latency_summary, percentile, ratio, rss_trend
+from bench.stats import ratio, rss_trend
+from devkit.launcher import DEFAULT_MODEL, ROOT
 from embedserve.engine.planner import PackLimits, pack_rows, packed_slots
-from tests.serverutil import DEFAULT_MODEL, ROOT, require_exported_model
+from tests.support import require_exported_model
 
 BENCH_LOCK = Path("/tmp/embedserve-bench.lock")
 
 
 # -- stats ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("size", [1, 2, 7, 100, 1001])
-@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 99.9, 100])
-def test_percentile_matches_numpy_linear(size: int, q: float) -> None:
-    values = [random.Random(size).uniform(0, 100) for _ in range(size)]
-    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
-
-
-def test_percentile_edges() -> None:
-    assert math.isnan(percentile([], 50))
-    assert percentile([3.0], 99) == 3.0
-    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
-    assert percentile([4.0, 1.0, 3.0, 2.0], 100) == 4.0  # order of input does not matter
-    with pytest.raises(ValueError):
-        percentile([1.0], 101)
-
-
-def test_latency_summary_and_ratio() -> None:
-    summary = latency_summary([float(i) for i in range(1, 101)])
-    assert summary["p50"] == pytest.approx(50.5)
-    assert summary["p99"] == pytest.approx(99.01)
-    assert summary["max"] == 100.0
-    assert all(math.isnan(v) for v in latency_summary([]).values())
+def test_ratio_is_nan_when_unknown() -> None:
     assert ratio(3.0, 2.0) == 1.5
     assert math.isnan(ratio(1.0, 0.0)) and math.isnan(ratio(math.nan, 1.0))
 
@@ -235,112 +212,6 @@ def test_measure_schedules_alternates_backends_and_reverses_every_other_pass() -
     timed = [name for name, _ in single_log[10:]]  # after the 5-text warm-up of each
     # Blocks of two texts, the first model changing from block to block.
     assert timed == ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
-
-
-# -- load generator -------------------------------------------------------------------------
-def test_build_requests_are_valid_http() -> None:
-    texts = [f"t{i} ü" for i in range(70)]
-    single = loadgen.build_requests(8000, texts, "embed", 32)
-    assert len(single) == 70
-    batch = loadgen.build_requests(8000, texts, "batch", 32)
-    assert len(batch) == 2
-    for raw in single + batch:
-        head, body = raw.split(b"\r\n\r\n", 1)
-        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
-        assert length == len(body)
-        assert head.startswith(b"POST /embed")
-    assert json.loads(single[1].split(b"\r\n\r\n", 1)[1]) == {"text": "t1 ü"}
-    second = json.loads(batch[1].split(b"\r\n\r\n", 1)[1])["texts"]
-    assert second == texts[32:64]
-    with pytest.raises(ValueError):
-        loadgen.build_requests(8000, texts, "other", 32)
-
-
-async def _stub_server(statuses: Iterator[int]) -> asyncio.Server:
-    """A keep-alive HTTP/1.1 server on 127.0.0.1 answering with the next status each time."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
-                await reader.readexactly(length)
-                body = b'{"ok": true}'
-                writer.write(
-                    b"HTTP/1.1 %d X\r\ncontent-length: %d\r\n\r\n%s"
-                    % (next(statuses), len(body), body)
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
-
-
-def _load(statuses: Iterator[int], **spec: Any) -> dict[str, Any]:
-    async def main() -> dict[str, Any]:
-        server = await _stub_server(statuses)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            load = loadgen.LoadSpec(port=port, texts_path="-", **spec)
-            requests = loadgen.build_requests(port, ["a", "b", "c"], load.endpoint, load.group)
-            return await loadgen.run(load, requests)
-        finally:
-            server.close()
-            await server.wait_closed()
-
-    return asyncio.run(asyncio.wait_for(main(), 30))
-
-
-def test_loadgen_counts_every_request_and_error() -> None:
-    statuses = iter([200, 200, 429] * 100)
-    result = _load(statuses, clients=4, max_requests=60, duration_s=None, deadline_s=20)
-    assert result["sent"] == 60
-    assert result["ok"] == 40
-    assert result["errors"] == 20 and result["statuses"] == {"200": 40, "429": 20}
-    assert result["latency_ms"]["p50"] > 0
-    assert not result["timed_out"]
-
-
-def test_loadgen_stops_after_its_duration() -> None:
-    started = time.monotonic()
-    result = _load(
-        iter([200] * 10_000_000), clients=2, max_requests=10_000_000, duration_s=0.3, deadline_s=20
-    )
-    assert result["ok"] > 0 and result["errors"] == 0
-    assert time.monotonic() - started < 15  # ended by its duration, not by the deadline
-
-
-def _burn(cpu_s: float) -> None:
-    """Spin this thread until it has used `cpu_s` seconds of CPU."""
-    start = time.thread_time()
-    while time.thread_time() - start < cpu_s:
-        sum(range(1000))
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-def test_cpu_reader_tells_the_main_thread_from_the_others() -> None:
-    pid = os.getpid()
-    main0, whole0 = loadgen.cpu_seconds(pid, pid), loadgen.cpu_seconds(pid)
-    _burn(0.3)
-    main1, whole1 = loadgen.cpu_seconds(pid, pid), loadgen.cpu_seconds(pid)
-    assert main0 is not None and main1 is not None and whole0 is not None and whole1 is not None
-    assert main1 - main0 >= 0.2 and whole1 - whole0 >= 0.2
-
-    worker = threading.Thread(target=_burn, args=(0.3,))
-    main2, whole2 = loadgen.cpu_seconds(pid, pid), loadgen.cpu_seconds(pid)
-    worker.start()
-    worker.join(timeout=30)
-    main3, whole3 = loadgen.cpu_seconds(pid, pid), loadgen.cpu_seconds(pid)
-    assert main2 is not None and main3 is not None and whole2 is not None and whole3 is not None
-    assert whole3 - whole2 >= 0.2  # the process counts its ended thread
-    assert main3 - main2 <= 0.1  # the main thread only waited
-    assert loadgen.cpu_seconds(pid, 2**22 + 7) is None  # no such thread
-    assert loadgen.cpu_seconds(None) is None
 
 
 def test_batching_deltas_give_the_runs_fill_and_mean_batch() -> None:
@@ -701,15 +572,6 @@ def test_report_warns_when_other_processes_took_the_cores() -> None:
     markdown = report.render(results, None)
     assert "**The machine was busy**" in markdown and "during the server runs" in markdown
     assert "machine was busy" in report.summary(results)
-
-
-def test_cpu_accounting_helpers() -> None:
-    busy = loadgen.machine_busy_s()
-    assert busy is None or busy > 0
-    assert loadgen.cpu_seconds(os.getpid()) is not None or not Path("/proc").is_dir()
-    assert loadgen.other_cpu_s(10.0, 4.0, 1.5) == 4.5
-    assert loadgen.other_cpu_s(1.0, 4.0) == 0.0  # tick rounding never goes negative
-    assert loadgen.other_cpu_s(None, 1.0) is None and loadgen.other_cpu_s(1.0, None) is None
 
 
 def test_summary_lists_every_verdict() -> None:

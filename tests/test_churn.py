@@ -26,16 +26,10 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.loadclient import proc_status
+from devkit.launcher import DEFAULT_MODEL, MANIFEST_FILE, ROOT, ServerProcess, running_server
+from devkit.procfs import proc_status
 from tests.reliability import Recorder
-from tests.serverutil import (
-    DEFAULT_MODEL,
-    MANIFEST_FILE,
-    ROOT,
-    ServerProcess,
-    running_server,
-    uniform_texts,
-)
+from tests.support import uniform_texts
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.anyio]
 

@@ -20,16 +20,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from embedserve.settings import Settings
-from tests.serverutil import (
+from devkit.launcher import (
     ROOT,
     ServerProcess,
     free_port,
     models_dir,
     python_executable,
-    require_exported_model,
     server_env,
 )
+from embedserve.settings import Settings
+from tests.support import require_exported_model
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"

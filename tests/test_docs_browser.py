@@ -14,7 +14,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.serverutil import DEFAULT_MODEL, ServerProcess, require_exported_model, running_server
+from devkit.launcher import DEFAULT_MODEL, ServerProcess, running_server
+from tests.support import require_exported_model
 
 pytestmark = pytest.mark.integration
 

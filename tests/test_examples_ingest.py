@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devkit.launcher import running_server
 from examples.ingest import (
     Chunk,
     Embedder,
@@ -26,7 +27,7 @@ from examples.ingest import (
     search,
     store,
 )
-from tests.serverutil import require_exported_model, running_server
+from tests.support import require_exported_model
 
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 

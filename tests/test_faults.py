@@ -24,6 +24,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devkit.launcher import DEFAULT_MODEL, embedserve_command, models_dir, running_server
 from embedserve.engine.batcher import PROBE_TEXT
 from embedserve.models.store import (
     MODEL_FILE,
@@ -34,7 +35,7 @@ from embedserve.models.store import (
 )
 from tests.leaks import assert_no_leak
 from tests.reliability import Recorder
-from tests.serverutil import DEFAULT_MODEL, models_dir, running_server, words
+from tests.support import words
 
 pytestmark = [
     pytest.mark.integration,
@@ -323,7 +324,8 @@ async def test_backend_raising_mid_batch_fails_only_the_texts_to_blame(
     ]
     recovery = [f"recovery {n} {words(rng, 8)}" for n in range(RECOVERY_REQUESTS)]
     results: dict[str, httpx.Response] = {}
-    with running_server(env, log_dir=tmp_path, module="tests.faultserver") as server:
+    faulty = embedserve_command("tests.faultserver")
+    with running_server(env, log_dir=tmp_path, command=faulty) as server:
         limits = httpx.Limits(max_connections=FAULT_CLIENTS)
         async with httpx.AsyncClient(
             base_url=server.base_url, timeout=HTTP_TIMEOUT, limits=limits

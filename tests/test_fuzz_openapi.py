@@ -35,6 +35,7 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.python import asgi
 from starlette.applications import Starlette
 
+from devkit.launcher import DEFAULT_MODEL, running_server
 from embedserve.engine.registry import ModelRegistry
 from embedserve.engine.wiring import policy_from
 from embedserve.http.app import create_app
@@ -44,7 +45,6 @@ from tests.conftest import CATALOGUE
 from tests.fakes import FakeLoader
 from tests.leaks import ROOT, assert_no_leak, find_leaks
 from tests.reliability import Recorder
-from tests.serverutil import DEFAULT_MODEL, running_server
 
 AREA = "Hostile input"
 API_KEY = "fuzz-" + "k" * 27

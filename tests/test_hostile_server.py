@@ -23,10 +23,10 @@ import httpx
 import orjson
 import pytest
 
+from devkit.launcher import ServerProcess, running_server
+from devkit.procfs import proc_status
 from tests.leaks import assert_no_leak
-from tests.loadclient import proc_status
 from tests.reliability import Recorder
-from tests.serverutil import ServerProcess, running_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.anyio]
 

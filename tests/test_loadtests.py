@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devkit.launcher import ROOT, server_env
 from loadtests import corpus
 from loadtests.run import CSV_PREFIX, parse_timespan
-from tests.serverutil import ROOT, server_env
 
 RUN_TIMEOUT_S = 240.0  # a whole run.py invocation, server start-up and stop included
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devkit.launcher import ServerProcess, free_port, running_server
 from tests import nginxutil
-from tests.serverutil import ServerProcess, free_port, running_server, uniform_texts
+from tests.support import uniform_texts
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

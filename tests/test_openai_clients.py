@@ -17,14 +17,9 @@ import pytest
 from langchain_openai import OpenAIEmbeddings
 from tokenizers import Tokenizer
 
+from devkit.launcher import DEFAULT_MODEL, ServerProcess, models_dir, running_server
 from embedserve.models.store import ModelStore
-from tests.serverutil import (
-    DEFAULT_MODEL,
-    ServerProcess,
-    models_dir,
-    running_server,
-    spread_texts,
-)
+from tests.support import spread_texts
 
 pytestmark = pytest.mark.integration
 

@@ -16,10 +16,12 @@ import anyio
 import httpx
 import pytest
 
+from devkit.launcher import ServerProcess, running_server
+from devkit.loadclient import LoadProcess, LoadSpec
+from devkit.procfs import proc_status
 from embedserve.settings import Settings
-from tests.loadclient import Backlog, LoadProcess, LoadSpec, backlog, mib, proc_status
 from tests.reliability import Recorder
-from tests.serverutil import ServerProcess, running_server, uniform_texts
+from tests.support import Backlog, backlog, mib, uniform_texts
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.anyio]
 

@@ -13,8 +13,8 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
+from devkit.launcher import free_port
 from embedserve.http.uvicorn_protocol import protocol_class
-from tests.serverutil import free_port
 
 pytestmark = pytest.mark.anyio
 

@@ -23,10 +23,10 @@ from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from devkit.launcher import DEFAULT_MODEL, running_server
 from embedserve.http.middleware.auth import EXEMPT_PATHS, ApiKeyAuth
 from embedserve.http.routes import routes
 from tests.reliability import Recorder
-from tests.serverutil import DEFAULT_MODEL, running_server
 
 KEY_A = "sk-sec-Alpha0123456789abcdefXYZ"
 KEY_B = "sk-sec-Bravo0123456789abcdefXYZ"

@@ -20,13 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serverutil import (
-    DEFAULT_MODEL,
-    ServerProcess,
-    models_dir,
-    running_server,
-    spread_texts,
-)
+from devkit.launcher import DEFAULT_MODEL, ServerProcess, models_dir, running_server
+from tests.support import spread_texts
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

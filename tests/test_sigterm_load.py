@@ -16,9 +16,10 @@ import anyio.to_thread
 import httpx
 import pytest
 
-from tests.loadclient import LoadProcess, LoadResult, LoadSpec
+from devkit.launcher import running_server
+from devkit.loadclient import LoadProcess, LoadResult, LoadSpec
 from tests.reliability import Recorder
-from tests.serverutil import long_tailed_texts, running_server
+from tests.support import long_tailed_texts
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.anyio]
 

@@ -16,9 +16,11 @@ import anyio
 import httpx
 import pytest
 
-from tests.loadclient import LoadProcess, LoadSpec, backlog, mib, proc_status, scrape
+from devkit.launcher import ServerProcess, running_server
+from devkit.loadclient import LoadProcess, LoadSpec
+from devkit.procfs import proc_status
 from tests.reliability import Recorder
-from tests.serverutil import ServerProcess, running_server, uniform_texts
+from tests.support import backlog, mib, scrape, uniform_texts
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.anyio]
 

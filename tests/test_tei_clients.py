@@ -36,7 +36,8 @@ from llama_index.embeddings.text_embeddings_inference import (
     TextEmbeddingsInference,
 )
 
-from tests.serverutil import DEFAULT_MODEL, ServerProcess, running_server, spread_texts
+from devkit.launcher import DEFAULT_MODEL, ServerProcess, running_server
+from tests.support import spread_texts
 from tests.test_openai_clients import assert_matches
 
 pytestmark = pytest.mark.integration

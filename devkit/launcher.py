@@ -1,16 +1,15 @@
-"""Drive the real server: start ``python -m embedserve serve`` on a free loopback port, wait
-for ``/health``, stop it with SIGTERM (SIGKILL past a bound); plus deterministic texts.
+"""Start the real server: ``embedserve serve`` on a free loopback port, wait for
+``/health``, stop it with SIGTERM (SIGKILL past a bound).
 
-Used by the integration tests and by ``scripts/quickbench.py``. Every wait is bounded. The
-server's stdout and stderr go to a log file whose tail is put into every failure message.
+The one launcher of the tests, the benchmark (`bench`), the Locust runner (`loadtests.run`)
+and `scripts/loopcpu.py`. Every wait is bounded. The server's stdout and stderr go to a log
+file whose tail is put into every failure message.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import random
 import shutil
 import signal
 import socket
@@ -18,11 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -38,7 +36,7 @@ class ServerError(RuntimeError):
 
 
 def models_dir() -> Path:
-    """The models directory the tests use: ``$MODELS_DIR`` or ``<repo>/models``."""
+    """The models directory: ``$MODELS_DIR`` or ``<repo>/models``."""
     return Path(os.environ.get("MODELS_DIR") or ROOT / "models").resolve()
 
 
@@ -47,26 +45,15 @@ def model_manifest(name: str = DEFAULT_MODEL, root: Path | None = None) -> Path:
     return (root or models_dir()) / name / MANIFEST_FILE
 
 
-def require_exported_model(name: str = DEFAULT_MODEL) -> Path:
-    """The imported model's directory. Skips the test without it, or fails it when
-    EMBEDSERVE_REQUIRE_MODEL is set (as `make test` and CI do), so CI never skips silently.
-    """
-    manifest = model_manifest(name)
-    if not manifest.is_file():
-        reason = (
-            f"no exported model at {manifest.parent} (run `make model`, or point MODELS_DIR "
-            "at a models directory)"
-        )
-        if os.environ.get("EMBEDSERVE_REQUIRE_MODEL"):
-            pytest.fail(f"EMBEDSERVE_REQUIRE_MODEL is set but {reason}")
-        pytest.skip(reason)
-    return manifest.parent
-
-
 def python_executable() -> str:
     """The repo's ``.venv`` interpreter when there is one, else the running interpreter."""
     venv = ROOT / ".venv" / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
+
+
+def embedserve_command(module: str = "embedserve") -> list[str]:
+    """``python -m MODULE``: what `running_server` runs, before ``serve --host H --port P``."""
+    return [python_executable(), "-m", module]
 
 
 def free_port() -> int:
@@ -78,9 +65,11 @@ def free_port() -> int:
 
 
 def _setting_names() -> set[str]:
+    # Imported here: `scripts/loopcpu.py` imports this module before it puts the tree it
+    # measures on sys.path, and that tree's embedserve is the one its server must run.
     from embedserve.settings import Settings
 
-    names = set()
+    names: set[str] = set()
     for field in Settings.model_fields.values():
         alias = field.validation_alias
         choices = getattr(alias, "choices", [alias])
@@ -88,24 +77,31 @@ def _setting_names() -> set[str]:
     return names
 
 
-def server_env(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: ours without any embedserve setting, then `overrides`."""
-    names = _setting_names()
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in names and not key.startswith(_SETTING_PREFIX)
-    }
-    env.update(
-        {
-            "MODELS_DIR": str(models_dir()),
-            "REQUIRED_MODELS": DEFAULT_MODEL,
-            "OFFLINE": "true",
-            "HF_HUB_OFFLINE": "1",
-            "LOG_LEVEL": "INFO",
-            "PYTHONUNBUFFERED": "1",
+def server_env(
+    overrides: Mapping[str, str] | None = None, *, inherit_settings: bool = False
+) -> dict[str, str]:
+    """The child's environment: ours without any embedserve setting plus the defaults below,
+    then `overrides`. With `inherit_settings`, ours as it is (a developer's settings apply),
+    then `overrides`."""
+    if inherit_settings:
+        env = dict(os.environ)
+    else:
+        names = _setting_names()
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in names and not key.startswith(_SETTING_PREFIX)
         }
-    )
+        env.update(
+            {
+                "MODELS_DIR": str(models_dir()),
+                "REQUIRED_MODELS": DEFAULT_MODEL,
+                "OFFLINE": "true",
+                "HF_HUB_OFFLINE": "1",
+                "LOG_LEVEL": "INFO",
+            }
+        )
+    env["PYTHONUNBUFFERED"] = "1"
     env.update(overrides or {})
     return env
 
@@ -182,32 +178,24 @@ class ServerProcess:
 
 
 def _launch(
+    command: Sequence[str],
     port: int,
     env: Mapping[str, str],
+    cwd: Path,
     log_path: Path,
     settings: Mapping[str, str],
-    module: str = "embedserve",
 ) -> ServerProcess:
-    command = [
-        python_executable(),
-        "-m",
-        module,
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    with log_path.open("wb") as log:
+    argv = [*command, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("ab") as log:
         # The child holds its own descriptor of the log; ours closes when this block ends.
         proc = subprocess.Popen(
-            command,
-            cwd=ROOT,
+            argv,
+            cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C in the test's terminal is not the server's
+            start_new_session=True,  # a Ctrl-C in the caller's terminal is not the server's
         )
     return ServerProcess(proc, port, log_path, settings)
 
@@ -216,31 +204,42 @@ def _launch(
 def running_server(
     env: Mapping[str, str] | None = None,
     *,
+    inherit_settings: bool = False,
+    command: Sequence[str] | None = None,
+    cwd: Path = ROOT,
     log_dir: Path | None = None,
+    log_file: Path | None = None,
     startup_timeout_s: float = 90.0,
     stop_timeout_s: float = 40.0,
     attempts: int = 3,
-    module: str = "embedserve",
 ) -> Iterator[ServerProcess]:
     """Start the real server with settings `env` (env names, e.g. ``BATCH_MAX_TEXTS``), wait
     until healthy, yield it, and stop it on exit (SIGTERM, then SIGKILL past the bound).
-    `module` is run as ``python -m MODULE serve`` (``tests.faultserver`` injects faults).
+
+    The child's environment is `server_env(env, inherit_settings=...)`. `command` is what
+    runs before ``serve --host 127.0.0.1 --port N`` (default `embedserve_command()`;
+    ``embedserve_command("tests.faultserver")`` injects faults), from `cwd`.
 
     A port taken between choosing and binding it is retried up to `attempts` times. Raises
-    ServerError with the log's tail when the server does not become healthy. The log lives
-    in `log_dir` (kept), or in a temporary directory removed after a clean stop.
+    ServerError with the log's tail when the server does not become healthy. The log is
+    `log_file` (appended to, kept), else ``server-PORT.log`` in `log_dir` (kept) or in a
+    temporary directory removed after a clean stop.
     """
-    own_dir = log_dir is None
+    own_dir = log_dir is None and log_file is None
     directory = Path(tempfile.mkdtemp(prefix="embedserve-server-")) if own_dir else log_dir
-    assert directory is not None
-    child_env = server_env(env)
+    child_env = server_env(env, inherit_settings=inherit_settings)
+    argv = list(command) if command is not None else embedserve_command()
     server: ServerProcess | None = None
     clean = False
     try:
         for attempt in range(1, attempts + 1):
             port = free_port()
-            log_path = directory / f"server-{port}.log"
-            server = _launch(port, child_env, log_path, env or {}, module)
+            if log_file is not None:
+                log_path = log_file
+            else:
+                assert directory is not None
+                log_path = directory / f"server-{port}.log"
+            server = _launch(argv, port, child_env, cwd, log_path, env or {})
             try:
                 server.wait_healthy(startup_timeout_s)
                 break
@@ -258,76 +257,5 @@ def running_server(
             if server.proc.poll() is None:
                 raise server.fail("server did not exit after SIGKILL")
             clean = clean and status in (0, -signal.SIGTERM)
-        if own_dir and clean:
+        if own_dir and clean and directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
-
-
-# -- deterministic texts -------------------------------------------------------------------
-_VOCABULARY = (
-    "the of and to in is was for on that with as by at from his her it an are were be this "
-    "which or had not but have they one their has been its all would more new after who also "
-    "two other first when there some into time over year city river music school county war "
-    "team game party family world system company state house church album film station "
-    "village series season member north south water light power market history model data "
-    "network energy garden winter summer morning evening coffee bread window mountain forest "
-    "ocean island bridge engine signal memory paper letter story language science number "
-    "question answer reason method result theory value process design field report policy "
-    "health travel kitchen doctor teacher student library museum harbor festival concert "
-    "quickly slowly carefully brightly quietly gently strongly early late often never always "
-    "red blue green yellow silver golden ancient modern tiny enormous bright dark warm cold "
-    "build carry write read open close begin finish grow change measure follow explain "
-    "discover protect remember travel compare improve prepare describe"
-)
-_WORDS = tuple(_VOCABULARY.split())
-
-
-def words(rng: random.Random, count: int) -> str:
-    """`count` words drawn from a fixed vocabulary, as one sentence."""
-    return " ".join(rng.choice(_WORDS) for _ in range(count)).capitalize() + "."
-
-
-def _unique(rng: random.Random, counts: list[int]) -> list[str]:
-    seen: set[str] = set()
-    texts: list[str] = []
-    for count in counts:
-        for _ in range(100):  # a repeat needs the same words in the same order: rare
-            text = words(rng, count)
-            if text not in seen:
-                break
-        else:
-            raise RuntimeError(f"could not draw a unique {count}-word text")
-        seen.add(text)
-        texts.append(text)
-    return texts
-
-
-def spread_texts(count: int, *, seed: int, min_words: int = 2, max_words: int = 200) -> list[str]:
-    """`count` distinct texts whose word counts are log-uniform over [min_words, max_words],
-    shuffled, with both extremes present."""
-    rng = random.Random(seed)
-    low, high = math.log(min_words), math.log(max_words)
-    counts = [round(math.exp(rng.uniform(low, high))) for _ in range(count)]
-    counts[0], counts[-1] = min_words, max_words
-    rng.shuffle(counts)
-    return _unique(rng, counts)
-
-
-def long_tailed_texts(
-    count: int, *, seed: int, median_words: float = 14.0, tail_share: float = 0.08
-) -> list[str]:
-    """`count` distinct texts: most lognormal around `median_words` words (about 20 tokens),
-    a `tail_share` of them 80-260 words (past a 256-token limit at the top)."""
-    rng = random.Random(seed)
-    counts: list[int] = []
-    for _ in range(count):
-        if rng.random() < tail_share:
-            counts.append(rng.randint(80, 260))
-        else:
-            counts.append(max(2, min(120, round(rng.lognormvariate(math.log(median_words), 0.6)))))
-    return _unique(rng, counts)
-
-
-def uniform_texts(count: int, *, seed: int, min_words: int = 10, max_words: int = 20) -> list[str]:
-    """`count` distinct texts of `min_words`..`max_words` words, uniformly."""
-    rng = random.Random(seed)
-    return _unique(rng, [rng.randint(min_words, max_words) for _ in range(count)])
