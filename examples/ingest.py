@@ -209,11 +209,15 @@ def error_message(response: httpx.Response) -> str:
 
 
 # -- the embedding client ------------------------------------------------------------------
+BULK_LANE = {"X-Priority": "bulk"}
+
 @dataclass
 class Embedder:
     """Embeds texts through one embedserve endpoint. Owns no connection: the caller's
     `client` (base URL and auth headers set) is borrowed. At most `concurrency` requests are
     in flight across all callers; each request is retried by `policy`, sleeping with `sleep`.
+    Every request says ``X-Priority: bulk``: an ingestion job runs in the bulk lane, so that
+    search queries to the same server go ahead of it (README, "Priority lanes").
     """
 
     client: httpx.AsyncClient
@@ -276,7 +280,7 @@ class Embedder:
         path, body = self._request(texts)
         for attempt in range(1, self.policy.attempts + 1):
             try:
-                response = await self.client.post(path, json=body)
+                response = await self.client.post(path, json=body, headers=BULK_LANE)
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
                 delay = self.policy.backoff_s(attempt)

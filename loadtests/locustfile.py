@@ -8,6 +8,11 @@ User classes (name them after the options to run only some; none named runs both
   ``--max-batch-size`` is given).
 - both together are the mixed profile; ``--single-weight`` / ``--batch-weight`` set the share of
   users of each class (default 7:1).
+- ``IngestUser`` + ``QueryUser`` are the sidecar profile (run only when named): an ingestion
+  job's ``POST /embed/batch`` of ``--sidecar-batch`` texts with ``X-Priority: bulk``, and
+  search queries, one text each with ``X-Priority: interactive``, half the users each. Their
+  rows are named ``sidecar ingest`` and ``sidecar query``, so each group's latency is
+  reported on its own (README, "Priority lanes").
 
 Options (each also read from the environment variable in brackets):
 ``--model`` [EMBEDSERVE_MODEL] model_name to send (default: none, the server's default model);
@@ -75,6 +80,7 @@ class Config:
     batch_min: int = 8
     batch_max: int = 64
     max_batch_size: int = 0  # 0: not known yet (asked of the server at test start)
+    sidecar_batch: int = 32
     think_time_s: float = 0.0
 
     def batch_range(self) -> tuple[int, int]:
@@ -118,6 +124,13 @@ def _add_options(parser: LocustArgumentParser) -> None:
     group.add_argument("--single-weight", env_var="LOADTEST_SINGLE_WEIGHT", type=int, default=7)
     group.add_argument("--batch-weight", env_var="LOADTEST_BATCH_WEIGHT", type=int, default=1)
     group.add_argument(
+        "--sidecar-batch",
+        env_var="LOADTEST_SIDECAR_BATCH",
+        type=int,
+        default=32,
+        help="texts per IngestUser request (capped at the server's MAX_BATCH_SIZE)",
+    )
+    group.add_argument(
         "--think-time-ms",
         env_var="LOADTEST_THINK_TIME_MS",
         type=float,
@@ -147,12 +160,20 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
     )
     SingleTextUser.weight = options.single_weight
     BatchUser.weight = options.batch_weight
+    _config.sidecar_batch = max(1, options.sidecar_batch)
+    if not getattr(options, "user_classes", None):
+        # No class named: the mixed profile. The sidecar classes run only when named.
+        for user_class in (IngestUser, QueryUser):
+            if user_class in environment.user_classes:
+                environment.user_classes.remove(user_class)
+            environment.user_classes_by_name.pop(user_class.__name__, None)
 
 
 @events.test_start.add_listener
 def _on_test_start(environment: Environment, **_kwargs: Any) -> None:
     settings = config()
-    if isinstance(environment.runner, MasterRunner) or BatchUser not in environment.user_classes:
+    batching = {BatchUser, IngestUser} & set(environment.user_classes)
+    if isinstance(environment.runner, MasterRunner) or not batching:
         return
     if not settings.max_batch_size:
         asked = ask_max_batch_size(environment.host or "", settings)
@@ -230,9 +251,20 @@ class EmbedUser(FastHttpUser):
         """`count` corpus texts drawn at random (distinct within the request)."""
         return self.rng.sample(self.settings.texts, count)
 
-    def post(self, path: str, body: dict[str, Any], count: int) -> None:
-        """Send `body` to `path`; record failures and the server's timing headers."""
-        with self.client.post(path, json=body, catch_response=True) as response:
+    def post(
+        self,
+        path: str,
+        body: dict[str, Any],
+        count: int,
+        *,
+        name: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Send `body` to `path` (reported as `name`, default the path); record failures and
+        the server's timing headers."""
+        name = name or path
+        post = self.client.post(path, json=body, headers=headers, name=name, catch_response=True)
+        with post as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code} {error_type(response)}")
                 return
@@ -244,8 +276,8 @@ class EmbedUser(FastHttpUser):
         # Logged into their own rows only (not RequestStats.log_request, which would also
         # count them in the Aggregated row): the total stays the client's requests.
         stats = self.environment.stats
-        stats.get(f"{path} queue_time", "SERVER").log(float(queue_ms), count)
-        stats.get(f"{path} inference_time", "SERVER").log(float(inference_ms), count)
+        stats.get(f"{name} queue_time", "SERVER").log(float(queue_ms), count)
+        stats.get(f"{name} inference_time", "SERVER").log(float(inference_ms), count)
 
 
 class SingleTextUser(EmbedUser):
@@ -268,3 +300,30 @@ class BatchUser(EmbedUser):
     def embed_batch(self) -> None:
         count = self.rng.randint(*self.settings.batch_range())
         self.post("/embed/batch", self.settings.body(texts=self.texts(count)), count)
+
+
+class IngestUser(EmbedUser):
+    """Sidecar profile: an ingestion job, ``POST /embed/batch`` in the bulk lane."""
+
+    @task
+    def ingest(self) -> None:
+        settings = self.settings
+        count = min(
+            settings.sidecar_batch, settings.max_batch_size or SERVER_DEFAULT_MAX_BATCH_SIZE
+        )
+        body = settings.body(texts=self.texts(count))
+        self.post("/embed/batch", body, count, name="sidecar ingest", headers=BULK)
+
+
+class QueryUser(EmbedUser):
+    """Sidecar profile: a search client, one text a request in the interactive lane."""
+
+    @task
+    def query(self) -> None:
+        [text] = self.texts(1)
+        body = self.settings.body(text=text)
+        self.post("/embed", body, 1, name="sidecar query", headers=INTERACTIVE)
+
+
+BULK = {"X-Priority": "bulk"}
+INTERACTIVE = {"X-Priority": "interactive"}

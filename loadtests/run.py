@@ -4,7 +4,7 @@ reports, and stop everything it started (also on failure, Ctrl-C or SIGTERM).
 From the repository root (``make loadtest`` calls this)::
 
     .venv/bin/python -m loadtests.run [--host URL] [--users 64] [--spawn-rate 16]
-        [--time 60s] [--profile single|batch|mixed] [--corpus mixed|short] [--model NAME]
+        [--time 60s] [--profile single|batch|mixed|sidecar] [--corpus mixed|short] [--model NAME]
         [--reports-dir loadtests/reports] [any other locust option, e.g. --batch-max 32]
 
 Without ``--host`` it starts ``python -m embedserve serve --host 127.0.0.1 --port <free>``
@@ -39,7 +39,12 @@ from devkit.launcher import ServerError, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-PROFILES = {"single": ["SingleTextUser"], "batch": ["BatchUser"], "mixed": []}  # []: all
+PROFILES = {
+    "single": ["SingleTextUser"],
+    "batch": ["BatchUser"],
+    "mixed": [],  # []: none named, the mixed profile
+    "sidecar": ["IngestUser", "QueryUser"],
+}
 CSV_PREFIX = "loadtest"
 STARTUP_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 45.0  # past the server's default 30 s shutdown grace

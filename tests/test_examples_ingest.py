@@ -165,6 +165,7 @@ async def test_429_then_200_honours_retry_after() -> None:
     assert sleeps == [2.0, 0.5, 1.0]  # Retry-After, then backoff after attempts 2 and 3
     assert len(seen) == 4
     assert all(json.loads(r.content) == {"texts": ["a", "b"]} for r in seen)
+    assert all(r.headers["X-Priority"] == "bulk" for r in seen)  # the ingestion is bulk
 
 
 @pytest.mark.anyio

@@ -257,3 +257,49 @@ def test_make_loadtest_runner_smoke(tmp_path: Path) -> None:
     with pytest.raises(httpx.TransportError):  # the server it started is gone
         httpx.get(f"{host}/health", timeout=2.0)
     assert "stopped" in done.stdout
+
+
+class _LaneStubHandler(_StubHandler):
+    """A fake server that records each request's path and X-Priority header."""
+
+    seen: list[tuple[str, str | None]]
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.seen.append((self.path, self.headers.get("X-Priority")))
+        count = len(body.get("texts", [body.get("text")]))
+        if count > 16:
+            message = f"invalid field 'texts': {count} texts, over the limit of 16 (MAX_BATCH_SIZE)"
+            self._answer(422, {"error": message, "error_type": "validation_error"})
+            return
+        timing = {"X-Queue-Time": "1.000", "X-Inference-Time": "2.000"}
+        self._answer(200, {"count": count}, timing)
+
+
+@pytest.mark.timeout(180)
+def test_the_sidecar_profile_reports_ingestion_and_queries_apart(tmp_path: Path) -> None:
+    seen: list[tuple[str, str | None]] = []
+    handler = type("Handler", (_LaneStubHandler,), {"seen": seen, "batch_sizes": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
+    thread.start()
+    try:
+        host = f"http://127.0.0.1:{server.server_address[1]}"
+        args = ["--host", host, "--users", "4", "--spawn-rate", "4", "--time", "3s"]
+        done, out = _run([*args, "--profile", "sidecar"], tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert done.returncode == 0, done.stdout + done.stderr
+    stats = _rows(out)
+    for name in ("sidecar ingest", "sidecar query"):
+        assert int(stats["POST", name]["Request Count"]) > 0
+        assert (
+            stats["SERVER", f"{name} queue_time"]["Request Count"]
+            == (stats["POST", name]["Request Count"])
+        )
+    # Each group asks for its lane; batches are capped at the server's limit (16 here).
+    lanes = {(path, lane) for path, lane in seen if lane is not None}
+    assert lanes == {("/embed/batch", "bulk"), ("/embed", "interactive")}
+    assert float(stats["SERVER", "sidecar ingest queue_time"]["Average Content Size"]) == 16
