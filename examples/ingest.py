@@ -211,6 +211,7 @@ def error_message(response: httpx.Response) -> str:
 # -- the embedding client ------------------------------------------------------------------
 BULK_LANE = {"X-Priority": "bulk"}
 
+
 @dataclass
 class Embedder:
     """Embeds texts through one embedserve endpoint. Owns no connection: the caller's
