@@ -113,6 +113,24 @@ async def test_bulk_keeps_its_share_of_packed_batches_under_a_flood_of_queries()
     assert sum(t.startswith("q") for t in second) == 3
 
 
+async def test_a_long_bulk_text_left_out_behind_queries_gets_its_turn() -> None:
+    backend, gate = FakeBackend(packed=True, row_tokens=16), GatedRunner()
+    long_text = " ".join(["long"] * 12)  # 14 tokens: never fits behind a query
+    with anyio.fail_after(5):
+        async with running(backend, gate, token_budget=16, bulk_share=0.25) as batcher:
+            first = await busy(batcher, gate)
+            bulk = spawn(batcher, BULK, long_text, "s1", "s2", "s3")  # 3 tokens each
+            queries = [spawn(batcher, INTERACTIVE, f"q{i} y") for i in range(12)]  # 4 tokens
+            await settle()
+            gate.open = True
+            gate.release(1)
+            await asyncio.gather(first, bulk, *queries)
+    # Three batches of queries leave the long text out (the short bulk texts fit behind
+    # them); round(1 / 0.25) - 1 = 3 such batches in a row, then a batch anchored on it.
+    assert long_text not in backend.batches[1] + backend.batches[2] + backend.batches[3]
+    assert backend.batches[4][0] == long_text
+
+
 async def test_padded_batches_turn_to_bulk_after_a_run_without_any() -> None:
     backend, gate = FakeBackend(), GatedRunner()
     with anyio.fail_after(5):

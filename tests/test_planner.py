@@ -135,13 +135,13 @@ def test_pack_rows_spreads_texts_over_the_rows_first_fit_needs() -> None:
     assert pack_rows([60, 50, 30, 40, 10], 100) == [[0, 2, 4], [1, 3]]
 
 
-def test_packed_lanes_take_both_oldest_then_queries_up_to_their_share_then_bulk():
+def test_packed_lanes_take_queries_first_up_to_their_share_then_bulk():
     limits = PackLimits(row_tokens=100, max_rows=1, max_texts=64, lookahead=256)
     lengths = [20, 20, 20, 20, 20, 20, 20, 10]
     urgent = [False, True, True, True, True, False, False, False]
     keys = [f"t{i}" for i in range(len(lengths))]
-    # Anchors: query 1 and bulk 0. Queries may hold 75 of the 100 slots: queries 2 and 3
-    # (60), not 4 (80). Bulk fills the 20 slots left: text 5; then the row is full.
+    # Queries first, while they hold at most 75 of the 100 slots: 1, 2 and 3 (60), not 4 (80).
+    # Bulk fills the 40 slots left in order: texts 0 and 5; then the row is full.
     chosen = plan_packed(lengths, keys, limits, urgent, bulk_share=0.25)
     assert chosen == [0, 1, 2, 3, 5]
     # Without lanes: oldest first.
@@ -155,3 +155,14 @@ def test_packed_lanes_see_a_query_behind_a_bulk_backlog_longer_than_the_lookahea
     keys = [f"t{i}" for i in range(31)]
     assert 30 in plan_packed(lengths, keys, limits, urgent, bulk_share=0.25)
     assert 30 not in plan_packed(lengths, keys, limits)
+
+
+def test_packed_lanes_on_bulks_turn_take_the_oldest_bulk_text_first():
+    limits = PackLimits(row_tokens=100, max_rows=1, max_texts=64, lookahead=256)
+    lengths = [90, 30, 30, 30, 5]
+    urgent = [False, True, True, True, False]
+    keys = [f"t{i}" for i in range(len(lengths))]
+    # Queries first: text 0 (90 tokens) never fits behind them, the short bulk text does.
+    assert plan_packed(lengths, keys, limits, urgent, bulk_share=0.25) == [1, 2, 4]
+    # Bulk's turn: the oldest bulk text is taken first, whatever its length.
+    assert plan_packed(lengths, keys, limits, urgent, 0.25, bulk_first=True) == [0, 4]

@@ -66,9 +66,10 @@ class BatchPolicy:
     `min_fill` applies to padded batches only, `lookahead` to packed ones.
 
     Lanes: `max_queue` bounds the bulk lane's queue and `max_queue_interactive` the
-    interactive lane's. While bulk texts wait, interactive texts take at most
-    ``1 - bulk_share`` of a packed batch's slots, and a padded batch is anchored on the
-    oldest bulk text once ``round(1 / bulk_share) - 1`` batches in a row took no bulk text.
+    interactive lane's. Batches take interactive texts first; while bulk texts wait,
+    interactive texts take at most ``1 - bulk_share`` of a packed batch's slots, and once
+    ``round(1 / bulk_share) - 1`` batches in a row have left the oldest bulk text out, the
+    next batch is anchored on it (so no bulk text waits for ever).
     While the interactive lane is in use (a text in the last `interactive_window_s`), a batch
     computes at most `interactive_budget` token slots (0: `token_budget`), so that a query
     arriving meanwhile waits for a short batch, not a long one.
@@ -207,9 +208,9 @@ class MicroBatcher:
             self._pack_limits, row_tokens=short_row, max_rows=max(1, budget // short_row)
         )
         self._limits_interactive = dataclasses.replace(self._limits, token_budget=budget)
-        # Padded batches in a row that took no bulk text while bulk texts waited.
+        # Batches in a row that left the oldest bulk text out while queries were taken.
         self._starve_limit = max(1, round(1 / policy.bulk_share) - 1) if policy.bulk_share else 0
-        self._without_bulk = 0
+        self._bulk_skips = 0
         self._interactive_seen: float | None = None  # when an interactive text last arrived
         self._run_sync: RunSync[Any] = run_sync or anyio.to_thread.run_sync
         self._tokenize_sync: RunSync[Any] = tokenize_sync or anyio.to_thread.run_sync
@@ -513,16 +514,15 @@ class MicroBatcher:
         interactive = self._interactive_active()
         lengths = [len(item.ids) for item in pending]
         keys = [item.text for item in pending]
+        bulk_turn = mixed and bool(self._starve_limit) and self._bulk_skips >= self._starve_limit
         if self._packed and self.policy.enabled:
             limits = self._pack_limits_interactive if interactive else self._pack_limits
-            chosen = plan_packed(
-                lengths, keys, limits, urgent if mixed else None, self.policy.bulk_share
-            )
+            lanes = urgent if mixed else None
+            chosen = plan_packed(lengths, keys, limits, lanes, self.policy.bulk_share, bulk_turn)
         else:
             # Padded, or one text a batch: the planner anchors on the first text of `order`.
             order = list(range(len(pending)))
             if mixed:
-                bulk_turn = bool(self._starve_limit) and self._without_bulk >= self._starve_limit
                 order.sort(key=lambda i: urgent[i] == bulk_turn)
             if not self.policy.enabled:
                 chosen = [order[0]]
@@ -532,10 +532,8 @@ class MicroBatcher:
                     [lengths[i] for i in order], [keys[i] for i in order], limits_padded
                 )
                 chosen = sorted(order[j] for j in picked)
-        if mixed and all(urgent[i] for i in chosen):
-            self._without_bulk += 1
-        else:
-            self._without_bulk = 0
+        oldest_bulk = urgent.index(False) if mixed else -1
+        self._bulk_skips = self._bulk_skips + 1 if mixed and oldest_bulk not in chosen else 0
         if len(chosen) == len(pending):
             self._pending = []
             return pending

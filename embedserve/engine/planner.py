@@ -147,6 +147,7 @@ def plan_packed(
     limits: PackLimits,
     urgent: Sequence[bool] | None = None,
     bulk_share: float = 0.0,
+    bulk_first: bool = False,
 ) -> list[int]:
     """Indices (into the queue, oldest first) of the texts to pack into the next batch.
 
@@ -156,12 +157,13 @@ def plan_packed(
     behind it can still fill the gaps. The oldest text is always taken. Duplicates of a taken
     text ride along in its segment. Returns indices in queue order.
 
-    Priority lanes: `urgent[i]` marks text i as the interactive lane's. Then the oldest
-    interactive text and the oldest bulk text are both always taken (so neither lane
-    starves); the other interactive texts come next, in order of arrival, as long as the
-    interactive texts hold at most ``1 - bulk_share`` of the batch's slots (`max_rows` x
-    `row_tokens`) while bulk texts wait; bulk texts fill the room that is left. `lookahead`
-    counts each lane's distinct texts on its own, so a query is seen behind any backlog.
+    Priority lanes: `urgent[i]` marks text i as the interactive lane's. Then the walk takes
+    the interactive texts first, in order of arrival (the oldest always), as long as they hold
+    at most ``1 - bulk_share`` of the batch's slots (`max_rows` x `row_tokens`) while bulk
+    texts wait, then bulk texts in the room that is left. With `bulk_first` (the caller's
+    turn for bulk: see `MicroBatcher`), the oldest bulk text is the one always taken, ahead
+    of the interactive texts. `lookahead` counts each lane's distinct texts on its own, so a
+    query is seen behind any backlog.
     """
     if not lengths:
         return []
@@ -172,17 +174,16 @@ def plan_packed(
         first = _distinct(keys, [i for i in everything if urgent[i]], limits.lookahead)
         rest = _distinct(keys, [i for i in everything if not urgent[i]], limits.lookahead)
     walk = [(group, True) for group in first] + [(group, False) for group in rest]
-    anchors = 1
     cap = float("inf")
-    if first and rest:  # the two oldest, then the interactive lane, then bulk
-        walk.insert(1, walk.pop(len(first)))
-        anchors = 2
+    if first and rest:
         cap = (1 - bulk_share) * limits.max_rows * limits.row_tokens
+        if bulk_first:
+            walk.insert(0, walk.pop(len(first)))
     room: list[int] = []
     chosen: list[int] = []
     urgent_tokens = 0
     for position, (group, is_urgent) in enumerate(walk):
-        anchor = position < anchors
+        anchor = position == 0
         length = lengths[group[0]]
         if not anchor:
             if len(chosen) + len(group) > limits.max_texts:
@@ -200,7 +201,7 @@ def plan_packed(
         chosen += group
         if is_urgent:
             urgent_tokens += length
-        if position >= anchors - 1 and len(chosen) >= limits.max_texts:
+        if len(chosen) >= limits.max_texts:
             break
     return sorted(chosen)
 
