@@ -28,6 +28,7 @@ from bench.figures import (
     plural,
     runs,
 )
+from bench.sidecar import table as sidecar_table
 from bench.stats import finite, median, relative_spread, spread
 from bench.tables import (
     corpora_table,
@@ -306,6 +307,17 @@ def render(results: dict[str, Any], plot_name: str | None) -> str:
             "",
             server_table(results, corpus, BATCH_MODES, "batch"),
         ]
+    out += [
+        "",
+        "## Sidecar: an ingestion job and search queries on one server",
+        "",
+        "4 clients post `/embed/batch` with 32 texts and 4 clients post `/embed` with one "
+        "text, flat out, on the packed server (priority lanes) and on a server with the lanes "
+        "off (`INTERACTIVE_MAX_TEXTS=0`: one FIFO lane); medians over the repeats, the two "
+        "servers in turns.",
+        "",
+        sidecar_table(results.get("sidecar", [])),
+    ]
     out += ["", "## Memory", "", _memory(results)]
     out += ["", "## Noise", "", _noise(results), ""]
     return "\n".join(out)

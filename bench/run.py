@@ -5,7 +5,9 @@ for each corpus (both backends, before any server shares the cores), then three 
 once (packed, padded, batching off) measured in turns: for each repeat, corpus and client
 level every server runs once, in an order that rotates from level to level and repeat to
 repeat (the machine's speed drifts by tens of percent within minutes, so the modes a ratio
-compares are measured minutes apart at most). Then the RSS soak on the packed server.
+compares are measured minutes apart at most). Then the sidecar scenario (an ingestion job
+and search queries on one server, with priority lanes and without: `bench.sidecar`), and the
+RSS soak on the packed server.
 Results are saved after every measurement to ``build/bench/results.json``; the report and
 plot are generated from that file only.
 
@@ -62,6 +64,7 @@ class Config:
     lone_requests: int = 400  # the 1-client runs: the first N texts, one after another
     warmup_s: float = 2.0
     soak_s: float = 300.0
+    sidecar_s: float = 20.0  # per load of the sidecar scenario; 0 skips it
     soak_clients: int = 64
     soak_interval_s: float = 1.0
     fixed_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 32, 64, 128, 256])
@@ -94,6 +97,7 @@ def quick_config() -> Config:
         lone_requests=60,
         warmup_s=1.0,
         soak_s=10.0,
+        sidecar_s=3.0,
         inprocess_passes=1,
         fixed_sizes=[1, 4, 16, 32, 64],  # a batch of 256 long texts alone takes seconds
         fixed_max_s=1.0,
@@ -113,6 +117,9 @@ def parse_args(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, ar
     parser.add_argument("--quick", action="store_true", help="smoke run (as BENCH_QUICK=1)")
     parser.add_argument("--repeats", type=int, help="runs of each server measurement")
     parser.add_argument("--soak-s", type=float, help="seconds of the RSS soak")
+    parser.add_argument(
+        "--sidecar-s", type=float, help="seconds per load of the sidecar scenario (0: skip)"
+    )
     parser.add_argument("--corpora", help="comma-separated corpus names (mixed,short)")
     parser.add_argument("--corpus-limit", type=int, help="use the first N texts of each corpus")
     parser.add_argument("--levels", help="client counts for /embed, e.g. 1,4,16,64,256")
@@ -150,6 +157,7 @@ def parse_args(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, ar
     overrides: dict[str, Any] = {
         "repeats": args.repeats,
         "soak_s": args.soak_s,
+        "sidecar_s": args.sidecar_s,
         "corpora": args.corpora and [c.strip() for c in args.corpora.split(",") if c.strip()],
         "corpus_limit": args.corpus_limit,
         "levels": args.levels and _ints(args.levels),
@@ -237,6 +245,7 @@ class Run:
             "servers": {},
             "server": [],
             "soak": None,
+            "sidecar": [],
         }
         self.texts_paths: dict[str, Path] = {}
 
@@ -436,6 +445,33 @@ class Run:
                     + busy_note(result)
                 )
 
+    def sidecar(self, server: Any) -> None:
+        """The sidecar scenario on `server` (lanes) and on a FIFO server started for it, in
+        turns per repeat."""
+        from bench import sidecar
+        from devkit.launcher import running_server
+
+        config = self.config
+        if config.sidecar_s <= 0:
+            return
+        corpus = config.corpora[0]
+        path = self.texts_paths[corpus]
+        env = {**config.server_env, **sidecar.FIFO_ENV}
+        with running_server(env, log_dir=self.work / "logs") as fifo:
+            servers = {"lanes": server, "fifo": fifo}
+            for repeat in range(1, config.repeats + 1):
+                for mode in rotation(sidecar.MODES, repeat - 1):
+                    result = sidecar.measure(servers[mode], path, config.sidecar_s)
+                    result.update({"mode": mode, "repeat": repeat, "corpus": corpus})
+                    self.results["sidecar"].append(result)
+                    self.save()
+                    self.log(
+                        f"sidecar {mode:>5} r{repeat}: queries p50 {result['query_p50_ms']:.0f} "
+                        f"p99 {result['query_p99_ms']:.0f} ms (lone {result['idle_p50_ms']:.1f}); "
+                        f"ingestion {result['mix_ingest_tps']:.0f}/s of {result['alone_tps']:.0f}"
+                        f" alone, total {result['total_ratio']:.2f}x, errors {result['errors']}"
+                    )
+
     def soak(self, server: Any) -> None:
         """RSS over time under `soak_clients` clients on the first corpus (packed server)."""
         from bench.server import soak
@@ -502,6 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.in_process(texts_by_name)
     with run.servers() as servers:
         run.server_runs(servers)
+        run.sidecar(servers["packed"])
         run.soak(servers["packed"])
     run.finish()
     write_outputs(run.results, args.out, config.plot, run.log)

@@ -716,6 +716,7 @@ def test_quickest_run_writes_a_report(tmp_path: Path) -> None:
         "--lone=8",
         "--warmup=0.3",
         "--soak-s=1.5",
+        "--sidecar-s=1",
         "--fixed-sizes=1,8",
         "--budgets=512",
         "--pack-budgets=512",
@@ -754,6 +755,10 @@ def test_quickest_run_writes_a_report(tmp_path: Path) -> None:
     lone = [r for r in results["server"] if r["clients"] == 1]
     assert all(r["requests"] == 8 for r in lone)
     assert results["soak"]["errors"] == 0 and results["soak"]["samples"]
+    sidecar = results["sidecar"]
+    assert [r["mode"] for r in sidecar] == ["lanes", "fifo"]
+    for r in sidecar:
+        assert r["errors"] == 0 and r["alone_tps"] > 0 and r["mix_queries_per_s"] > 0, r
     mixed = results["inprocess"]["mixed"]
     assert [p["backend"] for p in mixed["plans"]] == [
         "padded",
@@ -766,7 +771,33 @@ def test_quickest_run_writes_a_report(tmp_path: Path) -> None:
 
     markdown = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
     assert "## Targets" in markdown and "Quick smoke run" in markdown
+    assert "## Sidecar: an ingestion job and search queries" in markdown
     assert ("benchmarks.png" in markdown) == plot
     if plot:
         assert (tmp_path / "docs" / "benchmarks.png").read_bytes()[:4] == b"\x89PNG"
     assert "== embedserve benchmark summary ==" in done.stdout
+
+
+def test_sidecar_table_gives_medians_per_mode_and_the_targets() -> None:
+    from bench.sidecar import FIELDS, table
+
+    def round_of(mode: str, p99: float, share: float) -> dict[str, Any]:
+        row: dict[str, Any] = {key: 1.0 for key, _, _ in FIELDS}
+        row.update(mode=mode, query_p99_ms=p99, ingest_share=share, total_ratio=share + 0.4)
+        row.update(idle_p50_ms=10.0, query_p50_ms=20.0)
+        return row
+
+    rounds = [
+        round_of("lanes", 80.0, 0.6),
+        round_of("lanes", 300.0, 0.7),
+        round_of("lanes", 90.0, 0.4),
+        round_of("fifo", 900.0, 0.9),
+    ]
+    text = table(rounds)
+    assert "| query p99 ms (mix) | 90.0 | 900.0 |" in text  # medians, per mode
+    assert "query p99 <= 100 ms under the mix: **met**" in text
+    assert "the ingestion keeps >= 50% of its rate: **met**" in text  # median 0.6
+    assert "total texts/s >= 0.9x the ingestion alone: **met**" in text
+    rounds.append(round_of("lanes", 500.0, 0.3))
+    assert "query p99 <= 100 ms under the mix: **missed**" in table(rounds)  # median 195
+    assert table([]).startswith("Not measured")
