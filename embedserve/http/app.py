@@ -46,7 +46,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             logger.info("ready: %s", ", ".join(registry.required) or "no required models")
             yield
         finally:
-            registry.begin_shutdown()
+            # The last phase of `server._Server.shutdown`: the batchers get what is left of
+            # the deadline the signal set, not a grace of their own.
             await registry.aclose(settings.shutdown_grace_s)
             logger.info("models released")
 
