@@ -217,7 +217,7 @@ async def metrics(request: Request) -> Response:
         "total_embeddings": stats.total_embeddings,
         "cache_info": _cache_info(settings, registry),
         "uptime_seconds": stats.uptime_s(),
-        "errors": dict(stats.errors),
+        "errors": stats.errors_by_type(),
         "batching": {
             "enabled": settings.enable_batching,
             "batches": batches,
