@@ -136,12 +136,12 @@ async def embed_batch(request: Request) -> Response:
 
 
 def _cache_info(settings: Settings, registry: ModelRegistry) -> dict[str, Any]:
-    loaded = registry.loaded()
+    names = [m.name for m in registry.loaded()]
     return {
-        "cached_models": len(loaded),
-        "max_cached_models": settings.max_cached_models,
-        "model_names": [m.name for m in loaded],
-        "ttl_seconds": settings.model_cache_ttl_s,
+        "cached_models": names,
+        "num_cached": len(names),
+        "max_cached": settings.max_cached_models,
+        "cache_ttl": settings.model_cache_ttl_s,
     }
 
 
