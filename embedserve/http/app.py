@@ -27,7 +27,7 @@ from embedserve.http.middleware.ratelimit import RateLimit, TokenBuckets
 from embedserve.http.prometheus import PrometheusMetrics
 from embedserve.http.request_stats import AppStats
 from embedserve.http.responses import error_response
-from embedserve.http.routes import routes
+from embedserve.http.route_table import routes
 from embedserve.http.tei_api import TEI_HEADERS
 from embedserve.settings import Settings
 
