@@ -6,6 +6,10 @@ that the router is built from too: each `DocumentedRoute` keeps its row, and the
 describes the routes the app serves, never written by hand. It depends on the app's
 settings (limits, API keys, rate limiting), so it is built once per app, on first request,
 and cached in ``app.state``.
+
+One module because the document is one generator: the texts of every status and header,
+the schemas and each operation's parts are read together to see what a client is told
+(the table of routes, the other half, is `route_table`).
 """
 
 from __future__ import annotations

@@ -116,8 +116,7 @@ class BatchEmbedResponse(_Response):
 
 
 class CacheInfo(_Response):
-    """Which models are loaded, and the cache's limits: the original Fast Embedding API's
-    keys, which its clients read."""
+    """Loaded models and the cache's limits, under the original Fast Embedding API's keys."""
 
     cached_models: list[str] = Field(description="Names of the models loaded now")
     num_cached: int = Field(description="How many models are loaded now")
