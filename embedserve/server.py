@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import socket
 from types import FrameType
 
@@ -32,44 +31,87 @@ GC_YOUNG_THRESHOLD = 10_000
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, told about the signal first so new requests get 503 at once.
+    """uvicorn's server, stopped within one deadline (see `shutdown`).
 
-    Shutdown phases: (1) the signal marks the registry as draining (new embed requests
-    answer 503, /health and /ready turn 503); (2) uvicorn stops accepting connections and
-    waits up to the grace period for in-flight requests, which the batchers keep serving;
-    (3) the lifespan drains each batcher and releases the models.
+    The registry holds the deadline: the first `begin_shutdown(grace_s)` sets it, at the
+    signal, and every phase of the stop gets only what is left of it.
     """
 
     def __init__(self, config: uvicorn.Config, registry: ModelRegistry, grace_s: float) -> None:
         super().__init__(config)
         self._registry = registry
         self._grace_s = grace_s
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def _serve(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn's `serve` wraps this in its signal capture and re-raises a caught SIGTERM
         # as soon as this returns, which ends the process at once (no atexit handlers): so
         # the log queue is flushed here, inside, not after `serve`. `_serve` is uvicorn's
         # own (0.29+) split; tests/test_server_integration.py checks the last log line.
-        self._loop = asyncio.get_running_loop()
         try:
             await super()._serve(sockets)
         finally:
             stop_background_logging()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # Runs as a signal handler: only set flags here, and schedule the rest on the loop.
-        first = not self._registry.closing
-        self._registry.begin_shutdown()
-        if first and self._loop is not None:
+        # Runs as a signal handler: it only sets fields; `shutdown` does the rest on the loop.
+        if not self._registry.closing:
+            self._registry.begin_shutdown(self._grace_s)
             logger.info("signal %s: draining (grace %gs)", sig, self._grace_s)
-            # Queued work is answered 503 shortly before uvicorn's own deadline cancels
-            # whatever is left (which clients would see as a bare 500).
-            margin = min(1.0, self._grace_s * 0.2)
-            self._loop.call_soon_threadsafe(
-                self._registry.expire_queued_after, self._grace_s - margin
-            )
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Stop within SHUTDOWN_GRACE_S of the signal, one deadline shared by every phase.
+
+        0. At the signal (`handle_exit`): the deadline starts, and the registry refuses new
+           work (embed requests 503, /health and /ready 503).
+        1. Stop accepting connections; idle keep-alive connections close now, busy ones
+           after their response.
+        2. Shortly before the deadline, whatever is still queued in a batcher is answered
+           503 (`shutting_down`), rather than the bare 500 of the cancellation in 3.
+        3. In-flight requests finish until the deadline; those still running are cancelled.
+        4. The lifespan's shutdown (`http.app.create_app`): each batcher drains within what
+           is left (nothing, if 3 used it all), its loop is cancelled and its leftovers
+           fail; then the models are released.
+        Total: at most SHUTDOWN_GRACE_S, plus the batch running in a worker thread at the
+        deadline (a thread cannot be interrupted) and releasing the models.
+        """
+        registry = self._registry
+        registry.begin_shutdown(self._grace_s)  # 0, when no signal started the stop
+        logger.info("Shutting down")
+
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+
+        # The margin is for the batch running at the expiry to finish before the cancel in
+        # 3: up to a second, and a third of a short grace (0.2 of a 1 s grace lost the
+        # race on a busy 2-core machine: tests/test_server_integration.py).
+        margin_s = min(1.0, self._grace_s * 0.3)
+        registry.expire_queued_after(max(0.0, registry.shutdown_remaining_s() - margin_s))
+
+        try:
+            async with asyncio.timeout(registry.shutdown_remaining_s()):
+                await self._requests_finished()
+        except TimeoutError:
+            tasks = list(self.server_state.tasks)
+            logger.error("grace period over: cancelling %d running request(s)", len(tasks))
+            for task in tasks:
+                task.cancel(msg="shutdown grace period over")
+
+        if not self.force_exit:  # a second Ctrl+C skips the drain
+            await self.lifespan.shutdown()
+
+    async def _requests_finished(self) -> None:
+        """Return once every connection has closed and every request task has ended."""
+        state = self.server_state
+        # uvicorn's state signals neither, so it is polled, as uvicorn's own shutdown does.
+        while (state.connections or state.tasks) and not self.force_exit:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        for server in self.servers:
+            await server.wait_closed()
 
 
 class _OneLineStartupFailure:
@@ -141,7 +183,8 @@ def uvicorn_config(settings: Settings, app: ASGIApp) -> uvicorn.Config:
         lifespan="on",
         http=protocol_class(settings.header_timeout_s),  # slow-loris heads: 408 + close
         timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+        # No timeout_graceful_shutdown: `_Server.shutdown`, which replaces uvicorn's, bounds
+        # the whole stop by SHUTDOWN_GRACE_S.
         log_config=None,  # uvicorn's records go through our handler, in LOG_FORMAT
         access_log=False,  # AccessLog writes one line per request (ACCESS_LOG)
         server_header=False,

@@ -189,10 +189,32 @@ async def test_health_and_ready_when_required_models_are_loaded(api: Api) -> Non
     assert health.status_code == 200
     body = health.json()
     assert body["status"] == "healthy"
-    assert body["cache_info"]["model_names"] == ["fake/a"]
+    assert body["cache_info"]["cached_models"] == ["fake/a"]
     # The app's age while it answered, rounded to a millisecond.
     assert before_s - 0.0005 <= body["uptime_seconds"] <= after_s + 0.0005, (before_s, after_s)
     assert ready.status_code == 200
+
+
+async def test_cache_info_has_the_original_apis_keys_on_health_and_metrics(
+    serve: Serve,
+) -> None:
+    """Clients of the original Fast Embedding API read these four keys, with these types."""
+    # By environment name: what an operator sets, whatever the attributes are called.
+    settings = {"MAX_CACHED_MODELS": 3, "MODEL_CACHE_TTL": 120}
+    with anyio.fail_after(10):
+        async with serve(**settings) as api:
+            other = await api.client.post("/embed", json={"text": "x", "model_name": "fake/b"})
+            assert other.status_code == 200, other.text
+            health = (await api.client.get("/health")).json()
+            metrics = (await api.client.get("/metrics")).json()
+    want = {
+        "cached_models": ["fake/b", "fake/a"],  # most recently used first
+        "num_cached": 2,
+        "max_cached": 3,
+        "cache_ttl": 120,
+    }
+    assert health["cache_info"] == want
+    assert metrics["cache_info"] == want
 
 
 async def test_health_and_ready_are_503_once_shutting_down(api: Api) -> None:

@@ -165,7 +165,7 @@ async def wait_for_offload(client: httpx.AsyncClient, server: ServerProcess) -> 
     deadline = time.monotonic() + OFFLOAD_WAIT_S
     names: list[str] = []
     while time.monotonic() < deadline:
-        names = (await metrics(client))["cache_info"]["model_names"]
+        names = (await metrics(client))["cache_info"]["cached_models"]
         if names == [DEFAULT_MODEL]:
             break
         await asyncio.sleep(0.25)

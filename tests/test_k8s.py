@@ -122,6 +122,8 @@ def test_deployment_probes_use_ready_and_health() -> None:
 
 
 def test_grace_period_covers_prestop_and_drain() -> None:
+    """SHUTDOWN_GRACE_S bounds the whole stop (one deadline, tests/test_server.py), so
+    preStop + SHUTDOWN_GRACE_S is the pod's worst case, before releasing the models."""
     pod = deployment()["spec"]["template"]["spec"]
     c = container(pod, "embedserve")
     drain_s = float(env(c)["SHUTDOWN_GRACE_S"])

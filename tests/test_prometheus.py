@@ -236,6 +236,37 @@ async def test_rejections_are_counted_by_status_and_error_type(serve: Serve) -> 
     assert value(samples, "embedserve_requests_total", endpoint="/embed", status="200") == 1
 
 
+async def test_json_metrics_and_prometheus_count_the_same_errors(serve: Serve) -> None:
+    """401 from auth and 429 from the rate limit (middleware), a 422 from a handler and a 404
+    from the router: each counted once, the same in both formats."""
+    key = "sk-test-aaaaaaaaaaaaaaaaaaaa"
+    auth = {"Authorization": f"Bearer {key}"}
+    with anyio.fail_after(10):
+        async with serve(api_keys=[key], enable_rate_limit=True, rate_limit_requests=2) as api:
+            statuses = [
+                (await api.client.post("/embed", json={"text": "no key"})).status_code,
+                (await api.client.post("/embed", json={"text": ""}, headers=auth)).status_code,
+                (await api.client.get("/no/such/path", headers=auth)).status_code,
+                (await api.client.post("/embed", json={"text": "x"}, headers=auth)).status_code,
+            ]
+            json_errors = (await api.client.get("/metrics", headers=auth)).json()["errors"]
+            prometheus = {**auth, "Accept": "text/plain"}
+            text = (await api.client.get("/metrics", headers=prometheus)).text
+    assert statuses == [401, 422, 404, 429]
+    by_status: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "embedserve_request_errors_total":
+                by_status[(sample.labels["status"], sample.labels["error_type"])] = sample.value
+    assert by_status == {
+        ("401", "missing_api_key"): 1,
+        ("422", "validation_error"): 1,
+        ("404", "not_found"): 1,
+        ("429", "rate_limited"): 1,
+    }
+    assert json_errors == {error_type: count for (_, error_type), count in by_status.items()}
+
+
 async def test_rate_limited_requests_are_counted_under_their_endpoint(serve: Serve) -> None:
     with anyio.fail_after(10):
         async with serve(enable_rate_limit=True, rate_limit_per_minute=1) as api:
@@ -348,7 +379,7 @@ def test_wants_prometheus_rule(accept: str, expected: bool) -> None:
 
 async def test_each_app_has_its_own_registry(api: Api) -> None:
     other = PrometheusMetrics(api.registry, process=False)
-    other.on_request("/embed", 200, 0.001, None)
+    other.on_request("/embed", 200, 0.001)
     mine: Any = api.app.state.prometheus
     assert other.registry is not mine.registry
     assert (

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import AliasChoices
 
-from embedserve.http.routes import routes
+from embedserve.http.route_table import routes
 from embedserve.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

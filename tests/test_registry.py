@@ -295,6 +295,39 @@ async def test_expiry_answers_queued_work_before_the_grace_runs_out(tmp_path, lo
         await running
 
 
+async def test_aclose_gives_the_batchers_only_what_is_left_of_the_deadline(tmp_path, loader, clock):
+    """The grace counts from `begin_shutdown` (the signal): with the deadline past, a batch
+    still held fails at once instead of getting a fresh grace period."""
+    runner = GatedRunner()
+    async with registry_for(tmp_path, loader, clock, run_sync=runner) as registry:
+        running = asyncio.ensure_future(registry.embed("org/a", ["held"]))
+        await runner.wait_for_waiting(1)
+        registry.begin_shutdown(grace_s=30)
+        clock.advance(30)
+        assert registry.shutdown_remaining_s() == 0
+        with anyio.fail_after(5):  # a fresh 30 s grace would outlast this
+            await registry.aclose(grace_s=30)
+        with pytest.raises(ShuttingDown):
+            await running
+
+
+async def test_aclose_before_the_deadline_lets_the_running_batch_finish(tmp_path, loader, clock):
+    runner = GatedRunner()
+    async with registry_for(tmp_path, loader, clock, run_sync=runner) as registry:
+        running = asyncio.ensure_future(registry.embed("org/a", ["held"]))
+        await runner.wait_for_waiting(1)
+        registry.begin_shutdown(grace_s=30)
+        clock.advance(10)
+        assert registry.shutdown_remaining_s() == 20
+        closing = asyncio.ensure_future(registry.aclose(grace_s=30))
+        await asyncio.sleep(0)
+        assert not closing.done()
+        runner.release()
+        assert (await running).vectors.shape == (1, 8)
+        await closing
+        assert loader.backends["org/a"].closed
+
+
 async def test_waiting_for_a_stuck_load_ends_at_the_request_timeout(tmp_path, loader, clock):
     loader.gates["org/slow"] = gate = threading.Event()
     async with registry_for(tmp_path, loader, clock, request_timeout_s=0.05) as registry:

@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from devkit.launcher import DEFAULT_MODEL, running_server
 from embedserve.http.middleware.auth import EXEMPT_PATHS, ApiKeyAuth
-from embedserve.http.routes import routes
+from embedserve.http.route_table import routes
 from tests.reliability import Recorder
 
 KEY_A = "sk-sec-Alpha0123456789abcdefXYZ"

@@ -13,6 +13,7 @@ import pytest
 
 from embedserve.errors import NotSupported, Overloaded
 from embedserve.http.openapi import build_spec
+from embedserve.http.route_table import ROUTES
 from embedserve.settings import Settings
 from tests.conftest import Api, Serve
 from tests.fakes import DIM, GatedRunner, fake_vector
@@ -266,7 +267,7 @@ async def test_embed_all_without_a_packed_graph_is_424(
 
 # -- the document ---------------------------------------------------------------------------
 def test_openapi_documents_both_embed_bodies_and_the_tei_routes() -> None:
-    spec = build_spec(Settings.build(max_batch_size=32))
+    spec = build_spec(Settings.build(max_batch_size=32), ROUTES)
     paths = spec["paths"]
     assert {"/", "/info", "/tokenize", "/decode"} <= set(paths)
     body = paths["/embed"]["post"]["requestBody"]["content"]["application/json"]["schema"]

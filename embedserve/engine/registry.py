@@ -68,7 +68,8 @@ class ModelRegistry:
     load never holds up requests for other models. A failed load evicts nothing and is
     remembered for `load_retry_s`. Eviction (LRU past `max_cached_models`) and offload
     (unused for `model_cache_ttl_s`) skip pinned and busy models; a busy model is evicted once
-    it drains. `aclose` drains every batcher within the grace period and releases models.
+    it drains. Shutdown has one deadline, set by the first `begin_shutdown(grace_s)`:
+    `aclose` drains every batcher within what remains of it, then releases the models.
     It also owns the listing of imported models (`local_models`), so that requests read no
     file: read at `start`, again by each sweep (in a worker thread) and by each `resolve`.
     `observer` (set it before `start`) hears of each model's batches and results.
@@ -125,6 +126,7 @@ class ModelRegistry:
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
         self._shutdown_at = float("inf")
+        self._shutdown_deadline = float("inf")  # on `clock`, like every wait of the registry
         self._expiry: asyncio.Task[None] | None = None
         self._expired = False  # past the point where queued work is answered 503
         self.evictions = 0
@@ -484,14 +486,20 @@ class ModelRegistry:
         """Names of the loaded models."""
         return list(self._models)
 
-    def begin_shutdown(self) -> None:
-        """Refuse requests that arrive from now on (ShuttingDown); accepted work carries on.
+    def begin_shutdown(self, grace_s: float = 0.0) -> None:
+        """Refuse requests that arrive from now on (ShuttingDown); accepted work carries on
+        until the shutdown deadline, `grace_s` from now. Only the first call counts.
 
-        Only sets two fields, so it is safe to call from a signal handler.
+        Only sets fields, so it is safe to call from a signal handler.
         """
         if not self._closing:
             self._shutdown_at = time.monotonic()
+            self._shutdown_deadline = self._clock() + grace_s
             self._closing = True
+
+    def shutdown_remaining_s(self) -> float:
+        """Seconds left until the shutdown deadline (0 once past it; inf before shutdown)."""
+        return max(0.0, self._shutdown_deadline - self._clock())
 
     def expire_queued_after(self, delay_s: float) -> None:
         """Answer whatever is still queued `delay_s` from now with ShuttingDown (503)."""
@@ -505,9 +513,13 @@ class ModelRegistry:
         for entry in list(self._models.values()):
             entry.batcher.expire()
 
-    async def aclose(self, grace_s: float) -> None:
-        """Drain every batcher within `grace_s`, then release every model."""
-        self.begin_shutdown()
+    async def aclose(self, grace_s: float = 0.0) -> None:
+        """Drain every batcher until the shutdown deadline, then release every model.
+
+        The deadline is `grace_s` from the first `begin_shutdown` (from now if shutdown has
+        not begun): time the server spent waiting for connections is not given again here.
+        """
+        self.begin_shutdown(grace_s)
         for background in (self._sweeper, self._expiry):
             if background is not None:
                 background.cancel()
@@ -517,7 +529,8 @@ class ModelRegistry:
             loading.cancel()
         entries = list(self._models.values())
         self._models.clear()
-        await asyncio.gather(*(self._close_entry(e, grace_s) for e in entries))
+        remaining_s = self.shutdown_remaining_s()
+        await asyncio.gather(*(self._close_entry(e, remaining_s) for e in entries))
         await self.wait_released()
 
     # -- facts -----------------------------------------------------------------------

@@ -27,7 +27,7 @@ from embedserve.http.middleware.ratelimit import RateLimit, TokenBuckets
 from embedserve.http.prometheus import PrometheusMetrics
 from embedserve.http.request_stats import AppStats
 from embedserve.http.responses import error_response
-from embedserve.http.routes import routes
+from embedserve.http.route_table import routes
 from embedserve.http.tei_api import TEI_HEADERS
 from embedserve.settings import Settings
 
@@ -46,7 +46,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             logger.info("ready: %s", ", ".join(registry.required) or "no required models")
             yield
         finally:
-            registry.begin_shutdown()
+            # The last phase of `server._Server.shutdown`: the batchers get what is left of
+            # the deadline the signal set, not a grace of their own.
             await registry.aclose(settings.shutdown_grace_s)
             logger.info("models released")
 
@@ -90,13 +91,15 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             timeout_s=settings.body_timeout_s,
         )
     )
-    prometheus = PrometheusMetrics(registry) if settings.enable_metrics else None
+    stats = AppStats()
+    prometheus = PrometheusMetrics(registry, stats=stats) if settings.enable_metrics else None
     if prometheus is not None:
         registry.observer = prometheus
     access_log = partial(
         AccessLog,
         log=settings.access_log,
         on_request=prometheus.on_request if prometheus is not None else None,
+        on_error=stats.count_error,
     )
     app = _App(
         access_log=access_log,
@@ -113,7 +116,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     )
     app.state.settings = settings
     app.state.registry = registry
-    app.state.stats = AppStats()
+    app.state.stats = stats
     app.state.prometheus = prometheus
     # What every handler reads, in one lookup (each of `app.state`'s costs an exception).
     app.state.parts = (settings, registry, app.state.stats)
@@ -147,7 +150,6 @@ class _App(Starlette):
 
 async def _handle_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EmbedServeError)
-    request.app.state.stats.errors[exc.error_type] += 1
     extra = {"details": exc.details} if isinstance(exc, ValidationFailed) and exc.details else {}
     return error_response(
         exc.status_code,
@@ -174,5 +176,4 @@ async def _handle_http_exception(request: Request, exc: Exception) -> Response:
 
 async def _handle_unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    request.app.state.stats.errors["internal_error"] += 1
     return error_response(500, "internal server error", "internal_error", path=request.url.path)

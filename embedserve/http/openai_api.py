@@ -26,7 +26,6 @@ from pydantic import (
 )
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from embedserve.engine.model_entry import ModelInfo
 from embedserve.engine.registry import ModelRegistry
@@ -40,7 +39,6 @@ from embedserve.errors import (
 )
 from embedserve.http.embed_call import (
     ClientGone,
-    Endpoint,
     choose_lane,
     json_body,
     run_embed,
@@ -61,15 +59,6 @@ from embedserve.http.schemas import (
 
 # Errors about the model's name, reported with ``param: "model"``.
 _REFUSED_NAME = (InvalidModelName, ModelNotAllowed, ModelNotFound)
-
-
-def openai_routes() -> list[BaseRoute]:
-    """The ``/v1`` routes, ``POST /v1/embeddings`` first."""
-    return [
-        Route("/v1/embeddings", Endpoint(create_embeddings), methods=["POST"]),
-        Route("/v1/models", Endpoint(list_models), methods=["GET"]),
-        Route("/v1/models/{model_name:path}", Endpoint(retrieve_model), methods=["GET"]),
-    ]
 
 
 class EmbeddingsRequest(BaseModel):

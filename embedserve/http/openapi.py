@@ -1,20 +1,21 @@
 """``GET /openapi.json``: the OpenAPI 3.1 document, generated from the pydantic models.
 
-Every route of `routes()` has one row in `OPERATIONS` (method, path, request and response
-models, error statuses, summary); the document is built from that table and the models'
-JSON schemas, never written by hand. ``tests/test_openapi.py`` fails when a route has no
-row or a row no route. The document depends on the app's settings (limits, API keys, rate
-limiting), so it is built once per app, on first request, and cached in ``app.state``.
+The document is built from the rows (`Operation`: method, path, handler, request and
+response models, error statuses, summary) of the one route table, `route_table.ROUTES`,
+that the router is built from too: each `DocumentedRoute` keeps its row, and the document
+describes the routes the app serves, never written by hand. It depends on the app's
+settings (limits, API keys, rate limiting), so it is built once per app, on first request,
+and cached in ``app.state``.
 
-Over the ~400-line guide: most of it is that one table (a row for each of the three APIs'
-operations), which reads best whole; moving the table into the route modules is issue 13's
-"one route table" work.
+One module because the document is one generator: the texts of every status and header,
+the schemas and each operation's parts are read together to see what a client is told
+(the table of routes, the other half, is `route_table`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -24,41 +25,13 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 
 from embedserve import __version__
 from embedserve.errors import EmbedServeError
 from embedserve.http.middleware import auth, ratelimit
-from embedserve.http.openai_api import EmbeddingsRequest
 from embedserve.http.responses import OPENAI_PREFIX
-from embedserve.http.schemas import (
-    BatchEmbedRequest,
-    BatchEmbedResponse,
-    EmbedRequest,
-    EmbedResponse,
-    ErrorResponse,
-    HealthResponse,
-    MetricsResponse,
-    ModelInfoResponse,
-    ModelsResponse,
-    OpenAIEmbeddingsResponse,
-    OpenAIErrorResponse,
-    OpenAIModel,
-    OpenAIModelList,
-    ReadyResponse,
-)
-from embedserve.http.swagger import ASSET_NAMES
-from embedserve.http.tei_api import TEI_HEADERS
-from embedserve.http.tei_schemas import (
-    DecodeRequest,
-    DecodeResponse,
-    EmbedAllRequest,
-    EmbedAllResponse,
-    TEIEmbedRequest,
-    TEIEmbedResponse,
-    TEIInfo,
-    TokenizeRequest,
-    TokenizeResponse,
-)
+from embedserve.http.schemas import ErrorResponse, OpenAIErrorResponse
 from embedserve.settings import Settings
 
 OPENAPI_VERSION = "3.1.0"
@@ -76,20 +49,23 @@ class Param:
 
 @dataclass(frozen=True)
 class Operation:
-    """One row of the table: a route as the document describes it.
+    """One row of the route table: a route, and how the document describes it.
 
-    `response` is the JSON body of a 200 (None: any object; a tuple: any one of them);
-    `request` a tuple: exactly one of them, told apart by their required fields (a body
-    with the required fields of two is none of them). `media_types` are the 200's
-    content types (other than JSON, a string: HTML, assets, Prometheus text). `errors` are
-    the statuses answered in the error shape (OpenAI's under ``/v1``); `also` maps other
-    statuses to bodies of their own (``/health`` answers 503 with its usual body). `params`
-    describe path parameters, `query` the optional query parameters; `headers` are the
+    `path` is Starlette's (``{name:path}`` converters included; the document drops them);
+    `endpoint` is the handler the router calls. `response` is the JSON body of a 200
+    (None: any object; a tuple: any one of them); `request` a tuple: exactly one of them,
+    told apart by their required fields (a body with the required fields of two is none of
+    them). `media_types` are the 200's content types (other than JSON, a string: HTML,
+    assets, Prometheus text). `errors` are the statuses answered in the error shape
+    (OpenAI's under ``/v1``); `also` maps other statuses to bodies of their own
+    (``/health`` answers 503 with its usual body). `params` describe path parameters,
+    `query` the optional query parameters; `headers` are the
     response headers of a 200.
     """
 
     method: str
     path: str
+    endpoint: Callable[..., Any]
     summary: str
     response: type[BaseModel] | tuple[type[BaseModel], ...] | None
     request: type[BaseModel] | tuple[type[BaseModel], ...] | None = None
@@ -103,75 +79,18 @@ class Operation:
     media_types: tuple[str, ...] = (JSON,)
 
 
-MODEL_NAME = Param(
-    "Model name. It contains '/': request /models/BAAI/bge-small-en-v1.5 as it is (the "
-    "slash may also be sent as %2F, as Swagger UI's Try it out does)."
-)
-METRICS_FORMAT = Param("json or prometheus; without it, `Accept` decides", ("json", "prometheus"))
-EMBED_ERRORS = (400, 403, 404, 408, 413, 415, 422, 429, 500, 503, 504)
-OPENAI_EMBED_ERRORS = (400, 403, 404, 408, 413, 415, 429, 500, 503, 504)
-TIMING = ("X-Queue-Time", "X-Inference-Time")
-# TEI's routes: its statuses (424 when the model fails), its headers.
-TEI_ERRORS = (400, 403, 404, 408, 413, 415, 422, 424, 429, 503, 504)
-TEI_TOKEN_ERRORS = (400, 403, 404, 408, 413, 415, 422, 429, 503, 504)
-TEI_TIMING = (*TIMING, *TEI_HEADERS)
+class DocumentedRoute(Route):
+    """The route of one table row; it keeps the row, which the document is built from."""
 
-# fmt: off
-OPERATIONS: tuple[Operation, ...] = (
-    Operation("POST", "/embed", "Embed one text (with text), or TEI's embed (with inputs)",
-              (EmbedResponse, TEIEmbedResponse), (EmbedRequest, TEIEmbedRequest),
-              tuple(sorted({*EMBED_ERRORS, *TEI_ERRORS})), headers=TIMING,
-              description="A body with `text` is embedserve's request and answer; a body with "
-              "`inputs` is text-embeddings-inference's, answered as POST / answers it (a bare "
-              "array of vectors, TEI's statuses and headers). Both or neither: 422."),
-    Operation("POST", "/embed/batch", "Embed several texts, answered in the same order",
-              BatchEmbedResponse, BatchEmbedRequest, EMBED_ERRORS, headers=TIMING),
-    Operation("GET", "/health", "Liveness: healthy when every required model is loaded",
-              HealthResponse, also={503: HealthResponse}, tag="operations"),
-    Operation("GET", "/ready", "Readiness, for load balancers", ReadyResponse,
-              also={503: ReadyResponse}, tag="operations"),
-    Operation("GET", "/metrics", "Request totals and batching figures", MetricsResponse,
-              errors=(400, 404), tag="operations", query={"format": METRICS_FORMAT},
-              media_types=(JSON, "text/plain", "application/openmetrics-text"),
-              description="JSON, or the Prometheus exposition when `Accept` asks for "
-              "text/plain or OpenMetrics (or ?format=prometheus). 404 when "
-              "ENABLE_METRICS=false."),
-    Operation("GET", "/models", "Required, loaded, allowed and imported models",
-              ModelsResponse, tag="models"),
-    Operation("GET", "/models/{model_name}", "One model, loaded or not", ModelInfoResponse,
-              errors=(404,), tag="models", params={"model_name": MODEL_NAME},
-              description="404 when the model is unknown, not allowed, or an invalid name."),
-    Operation("POST", "/v1/embeddings", "OpenAI-compatible embeddings",
-              OpenAIEmbeddingsResponse, EmbeddingsRequest, OPENAI_EMBED_ERRORS, tag="openai",
-              headers=TIMING, description="Invalid fields are 400 here, as OpenAI answers."),
-    Operation("GET", "/v1/models", "OpenAI-compatible model list", OpenAIModelList,
-              tag="openai"),
-    Operation("GET", "/v1/models/{model_name}", "OpenAI-compatible model object", OpenAIModel,
-              errors=(404,), tag="openai", params={"model_name": MODEL_NAME}),
-    Operation("POST", "/", "TEI: embed (what HF clients given a base URL call)",
-              TEIEmbedResponse, TEIEmbedRequest, TEI_ERRORS, tag="tei", headers=TEI_TIMING,
-              description="text-embeddings-inference's embed, with the default model. More "
-              "inputs than MAX_BATCH_SIZE: 413; the model failing: 424."),
-    Operation("POST", "/embed_all", "TEI: per input, a vector for each token (no pooling)",
-              EmbedAllResponse, EmbedAllRequest, TEI_ERRORS, tag="tei",
-              headers=TEI_HEADERS, description="The model's last hidden state, one row per "
-              "token, specials included. Needs a model with a packed graph (else 424); runs as "
-              "one model call per request, not micro-batched."),
-    Operation("GET", "/info", "TEI: the default model and the limits", TEIInfo,
-              errors=(503,), tag="tei"),
-    Operation("POST", "/tokenize", "TEI: each input's tokens with character offsets",
-              TokenizeResponse, TokenizeRequest, TEI_TOKEN_ERRORS, tag="tei"),
-    Operation("POST", "/decode", "TEI: token ids back to text", DecodeResponse, DecodeRequest,
-              TEI_TOKEN_ERRORS, tag="tei"),
-    Operation("GET", "/openapi.json", "This document", None, tag="documentation"),
-    Operation("GET", "/docs", "Swagger UI over this document (no CDN: works offline)", None,
-              tag="documentation", media_types=("text/html",)),
-    Operation("GET", "/docs/static/{name}", "An asset of the /docs page", None,
-              errors=(404,), tag="documentation",
-              params={"name": Param("Asset file name", ASSET_NAMES)},
-              media_types=("text/css", "text/javascript", "image/png")),
-)
-# fmt: on
+    def __init__(self, operation: Operation) -> None:
+        super().__init__(operation.path, operation.endpoint, methods=[operation.method])
+        self.operation = operation
+
+
+def served_operations(routes: Iterable[BaseRoute]) -> list[Operation]:
+    """The table rows of the routes an app serves, in their order."""
+    return [route.operation for route in routes if isinstance(route, DocumentedRoute)]
+
 
 ERROR_TEXT: dict[int, str] = {
     400: "Malformed or empty JSON body, or an invalid query value (bad_request; under /v1 "
@@ -215,16 +134,15 @@ async def openapi_json(request: Request) -> Response:
     state = request.app.state
     body: bytes | None = getattr(state, "openapi_json", None)
     if body is None:
-        body = orjson.dumps(build_spec(state.settings, dimension=_tei_dimension(request)))
+        operations = served_operations(request.app.routes)
+        spec = build_spec(state.settings, operations, dimension=_tei_dimension(request))
+        body = orjson.dumps(spec)
         state.openapi_json = body
     return Response(body, media_type=JSON)
 
 
 def build_spec(
-    settings: Settings,
-    operations: Sequence[Operation] = OPERATIONS,
-    *,
-    dimension: int | None = None,
+    settings: Settings, operations: Sequence[Operation], *, dimension: int | None = None
 ) -> dict[str, Any]:
     """The OpenAPI document for an app with `settings`, one operation per table row.
 
@@ -245,7 +163,7 @@ def build_spec(
                 errors.add(401)
         if settings.enable_rate_limit and op.path not in ratelimit.EXEMPT_PATHS:
             errors.add(429)
-        paths.setdefault(op.path, {})[op.method.lower()] = _operation(
+        paths.setdefault(document_path(op.path), {})[op.method.lower()] = _operation(
             op, refs, sorted(errors), security
         )
     spec: dict[str, Any] = {
@@ -259,6 +177,11 @@ def build_spec(
             "apiKey": {"type": "http", "scheme": "bearer", "description": "An API_KEYS key."}
         }
     return spec
+
+
+def document_path(route_path: str) -> str:
+    """A Starlette route path as the document writes it: ``{name:path}`` -> ``{name}``."""
+    return re.sub(r"\{(\w+):\w+\}", r"{\1}", route_path)
 
 
 def _schemas(
@@ -355,7 +278,8 @@ def _operation(
         responses[str(status)] = _json_response(
             ERROR_TEXT[status], refs[error_model], headers, always=status != 503
         )
-    words = re.sub(r"\W+", "_", op.path).strip("_")
+    path = document_path(op.path)
+    words = re.sub(r"\W+", "_", path).strip("_")
     doc: dict[str, Any] = {
         "tags": [op.tag],
         "summary": op.summary,
@@ -364,7 +288,7 @@ def _operation(
     }
     if op.description:
         doc["description"] = op.description
-    names = re.findall(r"\{(\w+)\}", op.path)
+    names = re.findall(r"\{(\w+)\}", path)
     parameters = [_param(name, "path", op.params.get(name)) for name in names]
     parameters += [_param(name, "query", param) for name, param in op.query.items()]
     if parameters:

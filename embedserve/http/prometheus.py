@@ -4,8 +4,9 @@
 and tests do not collide). The access log calls `on_request` once per answer; the model
 registry calls `on_batch` for every model batch and `on_result` for every embedded request;
 queue depths, loaded models, load times, evictions and offloads are read from the model
-registry, and the event loop's task count from asyncio, when Prometheus scrapes. All of it
-runs on the event loop thread.
+registry, error answers from the app's one error count (`AppStats.errors`, which JSON
+``/metrics`` shows too), and the event loop's task count from asyncio, when Prometheus
+scrapes. All of it runs on the event loop thread.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from embedserve.http.loopmetrics import CounterChild, HistogramChild, LoopCounter, LoopHistogram
+from embedserve.http.request_stats import AppStats
 from embedserve.http.responses import error_response
 
 if TYPE_CHECKING:
@@ -64,7 +66,9 @@ class PrometheusMetrics:
     loaded, error types are the server's own.
     """
 
-    def __init__(self, models: ModelRegistry, *, process: bool = True) -> None:
+    def __init__(
+        self, models: ModelRegistry, *, stats: AppStats | None = None, process: bool = True
+    ) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
         self._requests = LoopCounter(
@@ -77,12 +81,6 @@ class PrometheusMetrics:
             "Time from receiving a request to sending its answer, by endpoint.",
             ("endpoint",),
             REQUEST_BUCKETS_S,
-        )
-        self._errors = LoopCounter(
-            "embedserve_request_errors",
-            "Error answers by status and error_type (429 overloaded or rate_limited, 413, "
-            "422, 504, ...).",
-            ("status", "error_type"),
         )
         self._queue = LoopHistogram(
             "embedserve_queue_time_seconds",
@@ -124,7 +122,6 @@ class PrometheusMetrics:
         for family in (
             self._requests,
             self._duration,
-            self._errors,
             self._queue,
             self._inference,
             self._batch_size,
@@ -133,19 +130,17 @@ class PrometheusMetrics:
             self._batch_duration,
         ):
             registry.register(family)
+        registry.register(_ErrorsCollector(stats if stats is not None else AppStats()))
         registry.register(_ModelsCollector(models))
         registry.register(_EventLoopCollector())
         if process:
             ProcessCollector(registry=registry)
         self._by_answer: dict[tuple[str, int], tuple[CounterChild, HistogramChild]] = {}
-        self._by_error: dict[tuple[int, str], CounterChild] = {}
         self._by_model: dict[str, tuple[HistogramChild, ...]] = {}
         self._by_lane: dict[tuple[str, str], HistogramChild] = {}
 
     # -- hooks (event loop thread) ---------------------------------------------------
-    def on_request(
-        self, endpoint: str, status: int, seconds: float, error_type: str | None
-    ) -> None:
+    def on_request(self, endpoint: str, status: int, seconds: float) -> None:
         """One answered request (`access_log.AccessLog` calls this)."""
         children = self._by_answer.get((endpoint, status))
         if children is None:
@@ -156,12 +151,6 @@ class PrometheusMetrics:
             self._by_answer[(endpoint, status)] = children
         children[0].inc()
         children[1].observe(seconds)
-        if error_type is not None:
-            error = self._by_error.get((status, error_type))
-            if error is None:
-                error = self._errors.labels(str(status), error_type)
-                self._by_error[(status, error_type)] = error
-            error.inc()
 
     def on_batch(self, model: str, batch: BatchRecord) -> None:
         """One model batch ran (the model's `MicroBatcher` calls this through the registry)."""
@@ -248,6 +237,24 @@ def prometheus_answer(request: Request) -> Response | None:
     metrics: PrometheusMetrics = request.app.state.prometheus
     body, content_type = metrics.render(accept)
     return Response(body, headers={"Content-Type": content_type, "Vary": "Accept"})
+
+
+class _ErrorsCollector:
+    """Error answers, read at scrape time from the count JSON ``/metrics`` shows too."""
+
+    def __init__(self, stats: AppStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        errors = CounterMetricFamily(
+            "embedserve_request_errors",
+            "Error answers by status and error_type (429 overloaded or rate_limited, 413, "
+            "422, 504, ...).",
+            labels=("status", "error_type"),
+        )
+        for (status, error_type), count in self._stats.errors.items():
+            errors.add_metric((str(status), error_type), count)
+        yield errors
 
 
 class _ModelsCollector:

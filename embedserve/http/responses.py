@@ -3,6 +3,8 @@
 Every error leaves the server through `error_response`; middleware that answers on its own
 (auth, rate limits, body size) passes the request path so ``/v1/*`` clients get OpenAI's
 ``{"error": {"message", "type", "param", "code"}}``, which their client libraries surface.
+Sending the `ErrorResponse` it returns records the error type in the scope, so the access
+log logs and counts each error once, whichever layer answered.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from typing import Any
 
 import orjson
 from starlette.responses import JSONResponse as _StarletteJSON
+from starlette.types import Receive, Scope, Send
+
+from embedserve.http.middleware.access_log import ERROR_TYPE_KEY
 
 OPENAI_PREFIX = "/v1/"
 
@@ -23,6 +28,21 @@ class JSONResponse(_StarletteJSON):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+class ErrorResponse(JSONResponse):
+    """An error answer that, when sent, puts its `error_type` in the scope under
+    `logs.ERROR_TYPE_KEY` (the access log reads it from there)."""
+
+    def __init__(
+        self, content: Any, status_code: int, headers: Mapping[str, str], error_type: str
+    ) -> None:
+        super().__init__(content, status_code=status_code, headers=dict(headers))
+        self.error_type = error_type
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[ERROR_TYPE_KEY] = self.error_type
+        await super().__call__(scope, receive, send)
+
+
 def error_response(
     status_code: int,
     message: str,
@@ -32,7 +52,7 @@ def error_response(
     *,
     path: str = "",
     param: str | None = None,
-) -> JSONResponse:
+) -> ErrorResponse:
     """The error body for a request to `path` (OpenAI's shape under ``/v1/``)."""
     body: dict[str, Any]
     if path.startswith(OPENAI_PREFIX):
@@ -48,7 +68,7 @@ def error_response(
         body = {"error": message, "error_type": error_type}
         if extra:
             body.update(extra)
-    return JSONResponse(body, status_code=status_code, headers=dict(headers or {}))
+    return ErrorResponse(body, status_code, headers or {}, error_type)
 
 
 def _openai_type(status_code: int) -> str:

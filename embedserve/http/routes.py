@@ -1,4 +1,5 @@
-"""HTTP endpoints. Handlers validate, then ``await registry.embed(...)``; nothing more."""
+"""The seed API's handlers (embed, health, metrics, models). Handlers validate, then
+``await registry.embed(...)``; nothing more. `route_table` routes requests to them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from embedserve.engine.registry import ModelRegistry
 from embedserve.errors import (
@@ -18,15 +18,12 @@ from embedserve.errors import (
 )
 from embedserve.http.embed_call import (
     ClientGone,
-    Endpoint,
     choose_lane,
     json_body,
     run_embed,
     state,
     timing_headers,
 )
-from embedserve.http.openai_api import openai_routes
-from embedserve.http.openapi import openapi_json
 from embedserve.http.prometheus import prometheus_answer
 from embedserve.http.responses import JSONResponse, error_response
 from embedserve.http.schemas import (
@@ -35,29 +32,8 @@ from embedserve.http.schemas import (
     check_texts,
     validate,
 )
-from embedserve.http.swagger import docs_routes
-from embedserve.http.tei_api import embed_inputs, tei_routes
+from embedserve.http.tei_api import embed_inputs
 from embedserve.settings import Settings
-
-
-def routes() -> list[BaseRoute]:
-    """Every route of the API."""
-    # The router tries routes in order: the embedding endpoints, the busy ones, come first.
-    embeddings, *openai_rest = openai_routes()
-    return [
-        Route("/embed", Endpoint(embed), methods=["POST"]),
-        Route("/embed/batch", Endpoint(embed_batch), methods=["POST"]),
-        embeddings,
-        Route("/health", Endpoint(health), methods=["GET"]),
-        Route("/ready", Endpoint(ready), methods=["GET"]),
-        Route("/metrics", Endpoint(metrics), methods=["GET"]),
-        Route("/models", Endpoint(list_models), methods=["GET"]),
-        Route("/models/{model_name:path}", Endpoint(show_model), methods=["GET"]),
-        *openai_rest,
-        *tei_routes(),
-        Route("/openapi.json", openapi_json, methods=["GET"]),
-        *docs_routes(),
-    ]
 
 
 def _model_name(settings: Settings, requested: str | None) -> str:
@@ -136,12 +112,12 @@ async def embed_batch(request: Request) -> Response:
 
 
 def _cache_info(settings: Settings, registry: ModelRegistry) -> dict[str, Any]:
-    loaded = registry.loaded()
+    names = [m.name for m in registry.loaded()]
     return {
-        "cached_models": len(loaded),
-        "max_cached_models": settings.max_cached_models,
-        "model_names": [m.name for m in loaded],
-        "ttl_seconds": settings.model_cache_ttl_s,
+        "cached_models": names,
+        "num_cached": len(names),
+        "max_cached": settings.max_cached_models,
+        "cache_ttl": settings.model_cache_ttl_s,
     }
 
 
@@ -217,7 +193,7 @@ async def metrics(request: Request) -> Response:
         "total_embeddings": stats.total_embeddings,
         "cache_info": _cache_info(settings, registry),
         "uptime_seconds": stats.uptime_s(),
-        "errors": dict(stats.errors),
+        "errors": stats.errors_by_type(),
         "batching": {
             "enabled": settings.enable_batching,
             "batches": batches,

@@ -116,12 +116,12 @@ class BatchEmbedResponse(_Response):
 
 
 class CacheInfo(_Response):
-    """Which models are loaded, and the cache's limits."""
+    """Loaded models and the cache's limits, under the original Fast Embedding API's keys."""
 
-    cached_models: int = Field(description="Models loaded now")
-    max_cached_models: int = Field(description="MAX_CACHED_MODELS")
-    model_names: list[str] = Field(description="Names of the loaded models")
-    ttl_seconds: float = Field(description="MODEL_CACHE_TTL")
+    cached_models: list[str] = Field(description="Names of the models loaded now")
+    num_cached: int = Field(description="How many models are loaded now")
+    max_cached: int = Field(description="MAX_CACHED_MODELS")
+    cache_ttl: float = Field(description="MODEL_CACHE_TTL, in seconds")
 
 
 class HealthResponse(_Response):

@@ -15,7 +15,6 @@ from pathlib import Path
 import swagger_ui_bundle
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from embedserve.http.responses import error_response
 
@@ -70,14 +69,6 @@ _PAGE = """\
 </body>
 </html>
 """
-
-
-def docs_routes() -> list[BaseRoute]:
-    """``/docs`` and its assets."""
-    return [
-        Route("/docs", docs_page, methods=["GET"]),
-        Route("/docs/static/{name}", docs_asset, methods=["GET"]),
-    ]
 
 
 async def docs_page(request: Request) -> Response:

@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from embedserve import __version__
 from embedserve.errors import (
@@ -32,7 +31,6 @@ from embedserve.errors import (
 )
 from embedserve.http.embed_call import (
     ClientGone,
-    Endpoint,
     choose_lane,
     json_body,
     run_embed,
@@ -55,17 +53,6 @@ T = TypeVar("T")
 
 # TEI's headers beyond the X-Queue-Time and X-Inference-Time every embedding answer has.
 TEI_HEADERS = ("X-Compute-Time", "X-Total-Time", "X-Compute-Characters", "X-Compute-Tokens")
-
-
-def tei_routes() -> list[BaseRoute]:
-    """The TEI routes other than ``POST /embed``, which `routes.embed` shares by body keys."""
-    return [
-        Route("/", Endpoint(embed), methods=["POST"]),
-        Route("/embed_all", Endpoint(embed_all), methods=["POST"]),
-        Route("/info", Endpoint(info), methods=["GET"]),
-        Route("/tokenize", Endpoint(tokenize), methods=["POST"]),
-        Route("/decode", Endpoint(decode), methods=["POST"]),
-    ]
 
 
 def default_model(settings: Settings) -> str:

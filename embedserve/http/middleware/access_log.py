@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedserve.http.middleware.client_addr import client_host
@@ -26,12 +24,15 @@ MODEL_KEY = "embedserve.model"
 TEXTS_KEY = "embedserve.texts"
 # When the request reached the app (time.monotonic()), so draining can tell old from new.
 ARRIVED_AT = "embedserve.arrived_at"
+# The error_type of an error answer, put there by the response that renders it
+# (`http.responses.ErrorResponse`): the access log reads it rather than parsing the body.
+ERROR_TYPE_KEY = "embedserve.error_type"
 
-# ``(endpoint, status, seconds, error_type)``, called once per answered request.
-RequestHook = Callable[[str, int, float, str | None], None]
+# ``(endpoint, status, seconds)``, called once per answered request.
+RequestHook = Callable[[str, int, float], None]
+# ``(status, error_type)``, called once per error answer.
+ErrorHook = Callable[[int, str], None]
 
-_ERROR_TYPE = re.compile(r"[a-z_]{1,64}")
-_MAX_ERROR_BODY = 16 * 1024  # error bodies are small; a larger one is not parsed
 _MAX_LOGGED_CHARS = 200
 # What `logging` records as the caller when it does not look for one.
 _NO_FILE = "(unknown file)"
@@ -46,11 +47,13 @@ class AccessLog:
     under `ARRIVED_AT`), so that draining can tell old requests from new, and gets an id
     (`request_id.request_id`), stored in the scope under `request_id.SCOPE_KEY` and sent back
     as ``X-Request-ID`` on every answer, errors and middleware refusals included. Once the
-    answer is sent (or the request failed), it calls `on_request` and writes one INFO line
-    to ``embedserve.access``: method, path, status, duration_ms, model and texts (when the
-    handler set them), error_type, request_id and client (`client_addr.client_host`: behind
-    a trusted proxy, the client it forwarded for). The error type is read from the error
-    body, which every error has.
+    answer is sent (or the request failed), it calls `on_request`, and `on_error` for an
+    error answer, and writes one INFO line to ``embedserve.access``: method, path, status,
+    duration_ms, model and texts (when the handler set them), error_type, request_id and
+    client (`client_addr.client_host`: behind a trusted proxy, the client it forwarded
+    for). The error type is the one the error response put in the scope
+    (`ERROR_TYPE_KEY`); an answer without one is ``client_disconnected`` (499) or
+    ``unknown``.
     """
 
     def __init__(
@@ -59,11 +62,13 @@ class AccessLog:
         *,
         log: bool = True,
         on_request: RequestHook | None = None,
+        on_error: ErrorHook | None = None,
         static_paths: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self._log = log
         self._on_request = on_request
+        self._on_error = on_error
         # Requests answered before routing (rate limits) are counted under their path only
         # when it is one of these, so the endpoint label stays bounded.
         self._static_paths = static_paths
@@ -77,22 +82,13 @@ class AccessLog:
         scope[SCOPE_KEY] = rid
         id_header = (HEADER, rid.encode("ascii"))
         status = 0  # until the answer starts
-        error_body: bytes | None = None
         started = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, error_body
+            nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), id_header]
-                if status >= 400:
-                    error_body = b""
-            elif (
-                error_body is not None
-                and message["type"] == "http.response.body"
-                and len(error_body) <= _MAX_ERROR_BODY
-            ):
-                error_body += message.get("body", b"")
             await send(message)
 
         try:
@@ -103,9 +99,11 @@ class AccessLog:
         finally:
             status = status or 500
             seconds = time.perf_counter() - started
-            error_type = _error_type(status, error_body) if status >= 400 else None
+            error_type = _error_type(scope, status) if status >= 400 else None
             if self._on_request is not None:
-                self._on_request(self._endpoint(scope), status, seconds, error_type)
+                self._on_request(self._endpoint(scope), status, seconds)
+            if error_type is not None and self._on_error is not None:
+                self._on_error(status, error_type)
             if self._log and ACCESS_LOGGER.isEnabledFor(logging.INFO):
                 _write(scope, rid, status, seconds, error_type, client_host(scope))
 
@@ -160,18 +158,9 @@ def _printable(value: str) -> str:
     return value if value.isprintable() else value.encode("unicode_escape").decode("ascii")
 
 
-def _error_type(status: int, body: bytes | None) -> str:
-    """The ``error_type`` of an error body (ours, or OpenAI's ``error.code`` on /v1)."""
-    if body and len(body) <= _MAX_ERROR_BODY:
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, dict):
-            kind = parsed.get("error_type")
-            nested = parsed.get("error")
-            if kind is None and isinstance(nested, dict):
-                kind = nested.get("code")
-            if isinstance(kind, str) and _ERROR_TYPE.fullmatch(kind):
-                return kind
+def _error_type(scope: Scope, status: int) -> str:
+    """The error answer's ``error_type``, as its response recorded it in the scope."""
+    kind: str | None = scope.get(ERROR_TYPE_KEY)
+    if kind is not None:
+        return kind
     return "client_disconnected" if status == 499 else "unknown"
