@@ -119,7 +119,10 @@ class Settings(BaseSettings):
         "ACCESS_LOG", True, "One INFO log line per request (never headers or bodies)."
     )
     shutdown_grace_s: float = _field(
-        "SHUTDOWN_GRACE_S", 30.0, "Seconds to finish accepted work after SIGTERM.", gt=0
+        "SHUTDOWN_GRACE_S",
+        30.0,
+        "Seconds from SIGTERM until the server has stopped (one deadline for every phase).",
+        gt=0,
     )
     max_request_bytes: int = _field(
         "MAX_REQUEST_BYTES",
