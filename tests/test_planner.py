@@ -166,3 +166,17 @@ def test_packed_lanes_on_bulks_turn_take_the_oldest_bulk_text_first():
     assert plan_packed(lengths, keys, limits, urgent, bulk_share=0.25) == [1, 2, 4]
     # Bulk's turn: the oldest bulk text is taken first, whatever its length.
     assert plan_packed(lengths, keys, limits, urgent, 0.25, bulk_first=True) == [0, 4]
+
+
+def test_packed_lanes_keep_bulk_to_the_fill_bound_and_let_queries_open_their_rows():
+    limits = PackLimits(row_tokens=50, max_rows=1, max_texts=64, lookahead=256)
+    lengths = [10, 40, 40, 40, 10, 10]
+    urgent = [False, True, True, True, False, False]
+    keys = [f"t{i}" for i in range(len(lengths))]
+    # Queries may open 3 rows (urgent_rows) though bulk-only batches get one; bulk then
+    # fills their rows only while the batch holds at most 130 tokens in all.
+    chosen = plan_packed(lengths, keys, limits, urgent, 0.0, urgent_rows=3, fill_tokens=130)
+    assert chosen == [0, 1, 2, 3]
+    assert plan_packed(lengths, keys, limits, urgent, 0.0, urgent_rows=3) == [0, 1, 2, 3, 4, 5]
+    # One row for the queries: one query, then bulk in its room.
+    assert plan_packed(lengths, keys, limits, urgent, 0.0, urgent_rows=1) == [0, 1]

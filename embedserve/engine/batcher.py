@@ -70,9 +70,10 @@ class BatchPolicy:
     interactive texts take at most ``1 - bulk_share`` of a packed batch's slots, and once
     ``round(1 / bulk_share) - 1`` batches in a row have left the oldest bulk text out, the
     next batch is anchored on it (so no bulk text waits for ever).
-    While the interactive lane is in use (a text in the last `interactive_window_s`), a batch
-    computes at most `interactive_budget` token slots (0: `token_budget`), so that a query
-    arriving meanwhile waits for a short batch, not a long one.
+    While the interactive lane is in use (a text in the last `interactive_window_s`) and bulk
+    texts wait, a batch computes at most `interactive_budget` token slots (0: `token_budget`)
+    beyond the rows its interactive texts open, so that a query arriving meanwhile waits for
+    a short batch, not a long one.
     """
 
     max_texts: int = 64
@@ -207,6 +208,9 @@ class MicroBatcher:
         self._pack_limits_interactive = dataclasses.replace(
             self._pack_limits, row_tokens=short_row, max_rows=max(1, budget // short_row)
         )
+        # Queries may open rows up to the whole budget even then (bulk fills their rows).
+        self._urgent_rows = max(1, policy.token_budget // short_row)
+        self._interactive_tokens = budget
         self._limits_interactive = dataclasses.replace(self._limits, token_budget=budget)
         # Batches in a row that left the oldest bulk text out while queries were taken.
         self._starve_limit = max(1, round(1 / policy.bulk_share) - 1) if policy.bulk_share else 0
@@ -511,14 +515,26 @@ class MicroBatcher:
         pending = self._pending
         urgent = [item.request.lane == INTERACTIVE for item in pending]
         mixed = any(urgent) and not all(urgent)
-        interactive = self._interactive_active()
+        # Short batches only where a query could wait behind bulk work: bulk texts queued
+        # and queries coming. Queries alone get the whole budget (they are all the work).
+        interactive = not all(urgent) and self._interactive_active()
         lengths = [len(item.ids) for item in pending]
         keys = [item.text for item in pending]
         bulk_turn = mixed and bool(self._starve_limit) and self._bulk_skips >= self._starve_limit
         if self._packed and self.policy.enabled:
             limits = self._pack_limits_interactive if interactive else self._pack_limits
-            lanes = urgent if mixed else None
-            chosen = plan_packed(lengths, keys, limits, lanes, self.policy.bulk_share, bulk_turn)
+            chosen = plan_packed(
+                lengths,
+                keys,
+                limits,
+                urgent if mixed else None,
+                self.policy.bulk_share,
+                bulk_turn,
+                # On bulk's turn, queries only fill the oldest bulk text's row: a long one
+                # would pad every row the queries opened to its length.
+                (1 if bulk_turn else self._urgent_rows) if interactive else None,
+                self._interactive_tokens if interactive else None,
+            )
         else:
             # Padded, or one text a batch: the planner anchors on the first text of `order`.
             order = list(range(len(pending)))

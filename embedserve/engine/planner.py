@@ -148,6 +148,8 @@ def plan_packed(
     urgent: Sequence[bool] | None = None,
     bulk_share: float = 0.0,
     bulk_first: bool = False,
+    urgent_rows: int | None = None,
+    fill_tokens: int | None = None,
 ) -> list[int]:
     """Indices (into the queue, oldest first) of the texts to pack into the next batch.
 
@@ -160,9 +162,13 @@ def plan_packed(
     Priority lanes: `urgent[i]` marks text i as the interactive lane's. Then the walk takes
     the interactive texts first, in order of arrival (the oldest always), as long as they hold
     at most ``1 - bulk_share`` of the batch's slots (`max_rows` x `row_tokens`) while bulk
-    texts wait, then bulk texts in the room that is left. With `bulk_first` (the caller's
-    turn for bulk: see `MicroBatcher`), the oldest bulk text is the one always taken, ahead
-    of the interactive texts. `lookahead` counts each lane's distinct texts on its own, so a
+    texts wait, then bulk texts in the room that is left. Interactive texts may open up to
+    `urgent_rows` rows (default `max_rows`); bulk texts open rows only while fewer than
+    `max_rows` are open, and only while the batch holds at most `fill_tokens` tokens in all
+    (default: no such bound), so that bulk-only batches stay short and bulk adds little to
+    a batch of queries. With `bulk_first` (the caller's turn for bulk: see
+    `MicroBatcher`), the oldest bulk text is the one always taken, ahead of the interactive
+    texts. `lookahead` counts each lane's distinct texts on its own, so a
     query is seen behind any backlog.
     """
     if not lengths:
@@ -174,14 +180,16 @@ def plan_packed(
         first = _distinct(keys, [i for i in everything if urgent[i]], limits.lookahead)
         rest = _distinct(keys, [i for i in everything if not urgent[i]], limits.lookahead)
     walk = [(group, True) for group in first] + [(group, False) for group in rest]
+    rows_for_urgent = limits.max_rows if urgent_rows is None else urgent_rows
     cap = float("inf")
     if first and rest:
-        cap = (1 - bulk_share) * limits.max_rows * limits.row_tokens
+        cap = (1 - bulk_share) * rows_for_urgent * limits.row_tokens
         if bulk_first:
             walk.insert(0, walk.pop(len(first)))
     room: list[int] = []
     chosen: list[int] = []
-    urgent_tokens = 0
+    urgent_tokens = total_tokens = 0
+    fill = float("inf") if fill_tokens is None else fill_tokens
     for position, (group, is_urgent) in enumerate(walk):
         anchor = position == 0
         length = lengths[group[0]]
@@ -190,15 +198,18 @@ def plan_packed(
                 continue
             if is_urgent and urgent_tokens + length > cap:
                 continue
+            if not is_urgent and total_tokens + length > fill:
+                continue
         for r, free in enumerate(room):
             if length <= free:
                 room[r] -= length
                 break
         else:
-            if not anchor and len(room) >= limits.max_rows:
+            if not anchor and len(room) >= (rows_for_urgent if is_urgent else limits.max_rows):
                 continue
             room.append(max(0, limits.row_tokens - length))
         chosen += group
+        total_tokens += length
         if is_urgent:
             urgent_tokens += length
         if len(chosen) >= limits.max_texts:
