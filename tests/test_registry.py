@@ -119,6 +119,23 @@ async def test_a_load_needs_none_of_the_inference_threads(tmp_path, loader, cloc
         assert (await held).vectors.shape[0] == 1
 
 
+async def test_tokenising_off_the_loop_uses_the_inference_threads(tmp_path, loader, clock):
+    # THREAD_POOL_WORKERS bounds every thread hop of a request: the tokeniser's too.
+    pool = GatedRunner(open_=True)
+    hops = 0
+
+    async def counted(func):
+        nonlocal hops
+        hops += 1
+        return await pool(func)
+
+    async with registry_for(tmp_path, loader, clock, run_sync=counted) as registry:
+        await registry.embed("org/a", ["warm"])
+        before = hops
+        await registry.embed("org/a", ["word " * 1000])  # too long to tokenise on the loop
+        assert hops - before == 2  # tokenising, then the batch
+
+
 async def test_lru_evicts_the_least_recently_used(tmp_path, loader, clock):
     async with registry_for(tmp_path, loader, clock) as registry:
         await registry.embed("org/a", ["1"])

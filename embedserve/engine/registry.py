@@ -348,7 +348,14 @@ class ModelRegistry:
                     f"model {spec.name} failed to load: its warm-up inference failed"
                 ) from exc
             on_batch = partial(self.observer.on_batch, spec.name) if self.observer else None
-            batcher = MicroBatcher(backend, self.policy, run_sync=self._run_sync, on_batch=on_batch)
+            # Tokenising off the loop shares the THREAD_POOL_WORKERS threads with inference.
+            batcher = MicroBatcher(
+                backend,
+                self.policy,
+                run_sync=self._run_sync,
+                tokenize_sync=self._run_sync,
+                on_batch=on_batch,
+            )
             batcher.start()
             if self._expired:  # loaded after the expiry: it takes no work, like the others
                 batcher.expire()
