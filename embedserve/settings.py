@@ -203,8 +203,9 @@ class Settings(BaseSettings):
         "THREAD_POOL_WORKERS",
         4,
         "Worker threads shared by every model's inference: its batches, its tokenising off the "
-        "event loop, and TEI's token-level routes (past this many of those at once, 429). Model loads, warm-ups and releases "
-        "run on threads of their own, so a slow load never holds one of these.",
+        "event loop, and TEI's token-level routes (past this many of those at once, 429). "
+        "Model loads, warm-ups and releases run on threads of their own, so a slow load never "
+        "holds one of these.",
         ge=1,
     )
 

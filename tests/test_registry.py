@@ -129,7 +129,9 @@ async def test_tokenising_off_the_loop_uses_the_inference_threads(tmp_path, load
         hops += 1
         return await pool(func)
 
-    async with registry_for(tmp_path, loader, clock, run_sync=counted) as registry:
+    async with registry_for(
+        tmp_path, loader, clock, run_sync=counted, tokenize_sync=counted
+    ) as registry:
         await registry.embed("org/a", ["warm"])
         before = hops
         await registry.embed("org/a", ["word " * 1000])  # too long to tokenise on the loop
@@ -464,3 +466,11 @@ async def test_token_level_model_error_is_inference_failed(tmp_path, loader, clo
         clock.advance(1)
         await registry.decode("org/c", [[1]], skip_special_tokens=True)
         assert registry.loaded_names() == ["org/b", "org/c"]
+
+
+def test_the_wiring_gives_tokenising_the_inference_threads(tmp_path: Path) -> None:
+    from embedserve.engine.wiring import build_registry
+    from embedserve.settings import Settings
+
+    registry = build_registry(Settings.build(models_dir=tmp_path, required_models=[]))
+    assert registry._tokenize_sync is registry._run_sync  # one THREAD_POOL_WORKERS limiter

@@ -92,6 +92,7 @@ class ModelRegistry:
         request_timeout_s: float | None = None,
         max_unbatched: int = 4,
         run_sync: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
+        tokenize_sync: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
         load_run_sync: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -111,6 +112,8 @@ class ModelRegistry:
         self._load_retry_s = load_retry_s
         self._request_timeout_s = request_timeout_s
         self._run_sync = run_sync or anyio.to_thread.run_sync
+        # The batchers' tokenising off the loop (the wiring gives it `run_sync`'s threads).
+        self._tokenize_sync = tokenize_sync or anyio.to_thread.run_sync
         # Loads get their own threads: a load stuck in a download retry loop must not take
         # a worker that inference for other models needs.
         self._load_run_sync = load_run_sync or anyio.to_thread.run_sync
@@ -348,12 +351,11 @@ class ModelRegistry:
                     f"model {spec.name} failed to load: its warm-up inference failed"
                 ) from exc
             on_batch = partial(self.observer.on_batch, spec.name) if self.observer else None
-            # Tokenising off the loop shares the THREAD_POOL_WORKERS threads with inference.
             batcher = MicroBatcher(
                 backend,
                 self.policy,
                 run_sync=self._run_sync,
-                tokenize_sync=self._run_sync,
+                tokenize_sync=self._tokenize_sync,
                 on_batch=on_batch,
             )
             batcher.start()

@@ -61,6 +61,8 @@ def build_registry(
         request_timeout_s=settings.request_timeout_s,
         max_unbatched=settings.thread_pool_workers,
         run_sync=run_sync,
+        # Tokenising off the loop shares the THREAD_POOL_WORKERS threads with inference.
+        tokenize_sync=run_sync,
     )
 
 
