@@ -288,7 +288,7 @@ class Settings(BaseSettings):
     )
     interactive_token_budget: int = _field(
         "INTERACTIVE_TOKEN_BUDGET",
-        128,
+        256,
         "Most token slots a batch computes while interactive requests come (one in the last "
         "INTERACTIVE_WINDOW_MS), so that a query waits for a short batch; 0: "
         "BATCH_TOKEN_BUDGET.",
