@@ -94,11 +94,6 @@ LAZY_ONLY = frozenset({"embedserve.models.importer"})
 MAX_LINES = 350
 # The stated reason for a long module: a docstring line beginning with these words.
 SIZE_REASON = re.compile(r"^One module because\b", re.MULTILINE)
-# Modules whose owners are editing them under issue 13 and that give their reason in the
-# older wording ("Over the ~400-line guide ..."); they move to `SIZE_REASON` when next edited.
-OLD_SIZE_WORDING = {
-    "embedserve.engine.batcher": re.compile(r"^Over the ~\d+-line guide\b", re.MULTILINE),
-}
 
 
 # -- the checker ------------------------------------------------------------------------
@@ -209,10 +204,7 @@ def unexplained_long_modules(root: Path) -> list[str]:
         if lines <= MAX_LINES:
             continue
         text = docstring(path)
-        reason = SIZE_REASON.search(text) or (
-            module in OLD_SIZE_WORDING and OLD_SIZE_WORDING[module].search(text)
-        )
-        if not reason:
+        if not SIZE_REASON.search(text):
             found.append(f"{module} ({lines} lines)")
     return found
 

@@ -3,10 +3,10 @@
 Request handlers only ``await batcher.submit(texts)``. Everything else here (the queue, the
 futures, the backend) belongs to the batcher and its loop task.
 
-Over the ~400-line guide on purpose: admission, the tokeniser task, the loop, the loop's
+One module because admission (per priority lane), the tokeniser task, the loop, the loop's
 fault guard, failure isolation and delivery all move the same queued items and resolve or
-fail the same futures, and kept in one class the rule "every future ends exactly once" can
-be checked in one place. Batch planning lives in
+fail the same futures: kept in one class, the rule "every future ends exactly once" can be
+checked in one place. Batch planning (which texts, in which lane's order) lives in
 `planner.py` and running a packed model in `packed.py`.
 """
 
