@@ -173,6 +173,7 @@ async def metrics(request: Request) -> Response:
             "in_flight": info.in_flight,
             "packed": info.packed,
             "batches": model_stats["batches"],
+            "texts": model_stats["texts"],
             "mean_batch_size": model_stats["mean_batch_size"],
             "mean_fill": model_stats["mean_fill"],
             "failed_batches": model_stats["failed_batches"],

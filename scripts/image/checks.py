@@ -17,6 +17,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -86,14 +87,20 @@ def check_stop(url: str, container: str, clients: int, texts: int, timeout_s: in
             finished.append((status, time.monotonic()))
 
     with httpx.Client(base_url=url, timeout=10.0) as probe:
-        done_at_start = int(probe.get("/metrics").json()["total_embeddings"])
+
+        def model_figures() -> dict[str, Any]:
+            figures: dict[str, Any] = probe.get("/metrics").json()["batching"]["models"]
+            return figures.get(MODEL, {})
+
+        ran_at_start = int(model_figures().get("texts", 0))
 
         def accepted() -> int:
-            """Texts the server holds or has answered since the start (its own metrics)."""
-            metrics = probe.get("/metrics").json()
-            model = metrics["batching"]["models"].get(MODEL, {})
+            """Texts the server holds or has run in a batch since the start (its own metrics).
+            Run, not answered: a request's texts run in several batches, and those already
+            run are neither queued nor in flight until the whole request is answered."""
+            model = model_figures()
             held = int(model.get("queue_depth", 0)) + int(model.get("in_flight", 0))
-            return int(metrics["total_embeddings"]) - done_at_start + held
+            return int(model.get("texts", 0)) - ran_at_start + held
 
         with ThreadPoolExecutor(clients) as pool:
             futures = [pool.submit(one, i) for i in range(clients)]
